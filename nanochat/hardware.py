@@ -1,0 +1,53 @@
+"""Datasheet peak FLOP/s per accelerator and precision, for model-FLOPs utilisation (MFU).
+
+Dense (no sparsity) tensor-core peaks. The table is matched against the device name reported by the
+driver; an unknown accelerator yields None, and the caller says so loudly instead of guessing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# (substring of the device name, peak bf16 FLOP/s, peak fp8 FLOP/s or None), most specific first.
+_PEAKS: tuple[tuple[str, float, float | None], ...] = (
+    ("GB200", 2.5e15, 5.0e15),
+    ("B200", 2.25e15, 4.5e15),
+    ("GB10", 62.0e12, 124.0e12),
+    ("H200", 989e12, 1979e12),
+    ("H100 PCIE", 756e12, 1513e12),
+    ("H100 NVL", 835e12, 1671e12),
+    ("H100", 989e12, 1979e12),
+    ("H800", 989e12, 1979e12),
+    ("GH200", 989e12, 1979e12),
+    ("A100", 312e12, None),
+    ("A800", 312e12, None),
+    ("L40S", 362e12, 733e12),
+    ("L4", 121e12, 242e12),
+    ("A10G", 70e12, None),
+    ("A10", 125e12, None),
+    ("RTX 4090", 165e12, 330e12),
+    ("RTX 3090", 71e12, None),
+)
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    flops: float
+    source: str
+
+
+def peak_flops(device_name: str, precision: str = "bf16") -> PeakFlops | None:
+    """Peak FLOP/s for `device_name` at `precision` ('bf16', 'fp32' counts as bf16 tensor cores with tf32
+    off-limits, so it is reported against bf16; 'fp8'), or None when the device is unknown.
+    $NANOCHAT_PEAK_FLOPS overrides the table (read at call time)."""
+    override = os.environ.get("NANOCHAT_PEAK_FLOPS")
+    if override:
+        return PeakFlops(float(override), "NANOCHAT_PEAK_FLOPS")
+    name = device_name.upper()
+    for key, bf16, fp8 in _PEAKS:
+        if key in name:
+            if precision == "fp8" and fp8 is not None:
+                return PeakFlops(fp8, f"datasheet {key} fp8 dense")
+            return PeakFlops(bf16, f"datasheet {key} bf16 dense")
+    return None

@@ -1,0 +1,117 @@
+"""The one explicit set-up call a stage makes: device, distributed process group, seeds, matmul precision.
+
+Nothing here runs at import time. torchrun's RANK / LOCAL_RANK / WORLD_SIZE are read when `setup_runtime`
+is called; SLURM variables are never read here (the launcher turns them into torchrun's).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """Mixed-precision context for forward passes (a no-op when the run is in float32)."""
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def resolve_device_type(requested: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit request that cannot be met is a ValueError."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device-type cuda was requested but no CUDA device is visible; use --device-type cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device-type mps was requested but MPS is not available; use --device-type cpu")
+    if requested not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown device type {requested!r}; use auto, cuda, mps or cpu")
+    return requested
+
+
+def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "auto") -> Runtime:
+    """Pick the device, join the process group started by torchrun (if any), seed and set matmul precision.
+
+    precision: 'auto' (bf16 autocast on CUDA, float32 elsewhere), 'bf16' or 'fp32'.
+    """
+    dtype = resolve_device_type(device_type)
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if dtype == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(dtype)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dtype == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if dtype == "cuda" else None)
+    torch.manual_seed(seed)
+    if dtype == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    if precision == "auto":
+        autocast_dtype = torch.bfloat16 if dtype == "cuda" else None
+    elif precision == "bf16":
+        autocast_dtype = torch.bfloat16
+    elif precision == "fp32":
+        autocast_dtype = None
+    else:
+        raise ValueError(f"unknown precision {precision!r} for the runtime; use auto, bf16 or fp32")
+    return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
+                   autocast_dtype=autocast_dtype)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(runtime: Runtime, *args, **kwargs) -> None:
+    """Print from rank 0 only, flushed, so `tail -f` on a log shows lines as they happen."""
+    if runtime.is_master:
+        print(*args, **kwargs, flush=True)
+
+
+def warn0(runtime: Runtime, message: str) -> None:
+    """A loud warning for fallbacks that change behaviour (kernel, precision, MFU peak)."""
+    if runtime.is_master:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)

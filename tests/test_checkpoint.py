@@ -1,0 +1,77 @@
+"""Checkpoints become visible only when complete; truncated or meta-less ones are never loaded."""
+
+import json
+
+import pytest
+import torch
+
+from nanochat import checkpoint as ckpt
+
+
+def _save(directory, step, world_size=1):
+    model_state = {"w": torch.arange(10.0) + step}
+    for rank in reversed(range(world_size)):  # rank 0 last: it writes the meta once the shards exist
+        ckpt.save_checkpoint(directory, step, model_state, {"m": torch.ones(3) * rank}, {"note": "x"},
+                             rank=rank, world_size=world_size)
+
+
+def test_round_trip_and_latest(tmp_path):
+    _save(tmp_path, 5)
+    _save(tmp_path, 10)
+    assert ckpt.complete_steps(tmp_path) == [5, 10]
+    model_state, optim_state, meta = ckpt.load_checkpoint(tmp_path, 10, "cpu")
+    assert torch.equal(model_state["w"], torch.arange(10.0) + 10)
+    assert torch.equal(optim_state["m"], torch.zeros(3))
+    assert meta["note"] == "x" and meta["step"] == 10 and meta["world_size"] == 1
+
+
+def test_meta_less_checkpoint_is_invisible(tmp_path):
+    _save(tmp_path, 5)
+    _save(tmp_path, 10)
+    ckpt.meta_path(tmp_path, 10).unlink()
+    assert ckpt.latest_complete_step(tmp_path) == 5
+    with pytest.raises(ValueError):
+        ckpt.load_checkpoint(tmp_path, 10, "cpu")
+
+
+def test_truncated_model_file_is_invisible(tmp_path):
+    _save(tmp_path, 5)
+    _save(tmp_path, 10)
+    path = ckpt.model_path(tmp_path, 10)
+    path.write_bytes(path.read_bytes()[:-7])
+    assert ckpt.latest_complete_step(tmp_path) == 5
+
+
+def test_missing_rank_shard_is_invisible(tmp_path):
+    _save(tmp_path, 3, world_size=2)
+    assert ckpt.latest_complete_step(tmp_path) == 3
+    ckpt.optim_path(tmp_path, 3, 1).unlink()
+    assert ckpt.latest_complete_step(tmp_path) is None
+
+
+def test_corrupt_meta_is_invisible(tmp_path):
+    _save(tmp_path, 7)
+    ckpt.meta_path(tmp_path, 7).write_text("{not json")
+    assert ckpt.latest_complete_step(tmp_path) is None
+    _save(tmp_path, 8)
+    meta = json.loads(ckpt.meta_path(tmp_path, 8).read_text())
+    meta["step"] = 9
+    ckpt.meta_path(tmp_path, 8).write_text(json.dumps(meta))
+    assert ckpt.latest_complete_step(tmp_path) is None
+
+
+def test_stale_temporaries_and_pruning(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step)
+    (tmp_path / ".model_000005.pt.tmp123").write_bytes(b"partial")
+    assert ckpt.remove_stale_temporaries(tmp_path) == 1
+    assert ckpt.prune_checkpoints(tmp_path, keep=2) == [1, 2]
+    assert ckpt.complete_steps(tmp_path) == [3, 4]
+    assert not list(tmp_path.glob("*_000001*"))
+
+
+def test_latest_tag(tmp_path):
+    assert ckpt.latest_tag(tmp_path) is None
+    _save(tmp_path / "d4", 1)
+    (tmp_path / "broken").mkdir()
+    assert ckpt.latest_tag(tmp_path) == "d4"
