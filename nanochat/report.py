@@ -35,3 +35,67 @@ def read_sections(root: Path | None = None) -> dict[str, dict[str, Any]]:
     if not directory.is_dir():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+STAGE_ORDER = ("demo_data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_sft",
+               "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl")
+PHASES = ("BASE", "MID", "SFT", "RL")
+METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+_SKIP = {"stage", "written_at", "settings", "phase", "metrics", "loss_history", "val_history", "seconds"}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ordered(sections: dict[str, dict[str, Any]]) -> list[str]:
+    known = [s for s in STAGE_ORDER if s in sections]
+    return known + sorted(s for s in sections if s not in STAGE_ORDER)
+
+
+def results_table(sections: dict[str, dict[str, Any]]) -> str:
+    """The BASE/MID/SFT/RL table; a cell is '-' where that phase did not measure that metric."""
+    cells: dict[tuple[str, str], Any] = {}
+    for section in sections.values():
+        phase = section.get("phase")
+        for name, value in (section.get("metrics") or {}).items():
+            if phase in PHASES:
+                cells[(name, phase)] = value
+    names = list(METRICS) + sorted({n for n, _ in cells} - set(METRICS))
+    phases = [p for p in PHASES if any(k[1] == p for k in cells)] or ["BASE"]
+    lines = ["| Metric | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    for name in names:
+        row = [_fmt(cells[(name, p)]) if (name, p) in cells else "-" for p in phases]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(sections: dict[str, dict[str, Any]], environment: dict[str, Any], plots: list[Path]) -> str:
+    """report.md: environment, results table, plots, then each stage's timing, results and settings."""
+    out = ["# nanochat training report", "", "## Environment", ""]
+    out += [f"- **{k}**: {v}" for k, v in environment.items()]
+    total = sum(s.get("seconds") or 0 for s in sections.values())
+    out += ["", f"Total stage time: {total / 60:.1f} min", "", "## Results", "", results_table(sections), ""]
+    if plots:
+        out += ["## Curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    for name in _ordered(sections):
+        section = sections[name]
+        out += [f"## {name}", ""]
+        if section.get("seconds") is not None:
+            out.append(f"- time: {section['seconds']:.1f} s")
+        for key, value in section.items():
+            if key not in _SKIP and not isinstance(value, (list, dict)):
+                out.append(f"- {key}: {_fmt(value)}")
+            elif key not in _SKIP and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                out += [f"- {key}:"] + [f"  - {v}" for v in value]
+        for metric, value in (section.get("metrics") or {}).items():
+            out.append(f"- {metric}: {_fmt(value)}")
+        if section.get("settings"):
+            settings = ", ".join(f"{k}={v}" for k, v in section["settings"].items())
+            out += ["", f"<details><summary>settings</summary>\n\n{settings}\n\n</details>"]
+        out.append("")
+    return "\n".join(out)

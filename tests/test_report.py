@@ -1,0 +1,42 @@
+"""report.md assembly: results table, plots and per-stage sections."""
+
+from nanochat.report import read_sections, results_table, write_section
+from scripts.report import ReportConfig, main
+
+
+def _sections(root):
+    write_section("base_train", {"seconds": 12.5, "settings": {"depth": 4}, "final_val_bpb": 1.2345,
+                                 "loss_history": [[1, 5.0], [2, 4.0]], "val_history": [[0, 3.0, 3.5], [2, 2.0, 3.5]]},
+                  root=root)
+    write_section("base_eval", {"phase": "BASE", "metrics": {"CORE": 0.1}}, root=root)
+    write_section("chat_eval_sft", {"phase": "SFT", "metrics": {"ARC-Easy": 0.75, "GSM8K": 0.5}}, root=root)
+
+
+def test_results_table(tmp_path):
+    _sections(tmp_path)
+    table = results_table(read_sections(tmp_path))
+    lines = table.splitlines()
+    assert lines[0] == "| Metric | BASE | SFT |"
+    assert "| CORE | 0.1000 | - |" in lines
+    assert "| ARC-Easy | - | 0.7500 |" in lines
+    assert "| MMLU | - | - |" in lines
+
+
+def test_report_written_with_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    _sections(tmp_path)
+    assert main(ReportConfig()) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Environment" in report and "git commit" in report
+    assert "![train_loss](train_loss.png)" in report and "![val_bpb](val_bpb.png)" in report
+    assert "- final_val_bpb: 1.2345" in report and "- time: 12.5 s" in report
+    for name in ("train_loss.png", "val_bpb.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_sections_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from scripts.report import cli
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert cli([]) == 2
+    assert "run the pipeline's stages first" in capsys.readouterr().err
