@@ -1,0 +1,170 @@
+"""MuonAdamW: one optimizer object with Muon groups for hidden matrices and AdamW groups for the rest.
+
+Every param group carries `kind` ("muon" or "adamw") and `initial_lr`; the trainer schedules learning rates
+with `group["lr"] = group["initial_lr"] * multiplier` (and may schedule a Muon group's `momentum`).
+
+Muon (per matrix, gradient G): an EMA momentum buffer M = lerp(M, G, 1 - momentum); with nesterov the step
+direction is lerp(G, M, momentum), else M; that direction is orthogonalised with a quintic Newton-Schulz
+iteration, scaled by max(1, rows/cols) ** 0.5, and applied after decoupled weight decay.
+AdamW: the standard update with bias correction and decoupled weight decay.
+
+Distributed: when torch.distributed is initialised with more than one rank, `step()` averages the gradients
+itself (so the model is never wrapped in DDP): every gradient is all-reduced (SUM, then divided by the world
+size, which works on gloo and NCCL alike). AdamW state is replicated. Muon work is sharded: a Muon group's
+matrices (all of one shape) are split into contiguous chunks, rank r orthogonalises and updates only its
+chunk and keeps only that chunk's momentum, then the updated matrices are all-gathered so every rank holds
+identical weights. Optimizer state is therefore per rank: save it per rank and resume with the same world
+size. The result equals one process stepping on the whole batch, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they push every singular value of a normalised
+# matrix into roughly [0.7, 1.2] in 5 steps, which is as good as exactly 1 for a step direction.
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
+MUON_DEFAULTS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0}
+
+
+def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise a matrix (or a batch of them): U V^T of its SVD, singular values ~1.
+
+    Runs in bfloat16 on GPU (fast, and the iteration tolerates it) and float32 elsewhere.
+    """
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Param groups are dicts with `params`, `kind` ("muon" or "adamw"), `lr` and optional kind settings.
+
+    AdamW settings: betas, eps, weight_decay. Muon settings: momentum, nesterov, ns_steps, weight_decay;
+    every parameter of a Muon group must be a 2-D matrix of the group's one shape.
+    """
+
+    def __init__(self, param_groups):
+        super().__init__(param_groups, defaults={})
+
+    def add_param_group(self, param_group: dict) -> None:
+        kind = param_group.get("kind")
+        if kind not in ("muon", "adamw"):
+            raise ValueError(f"every param group needs kind='muon' or kind='adamw', got {kind!r}")
+        if "lr" not in param_group:
+            raise ValueError(f"a {kind} param group needs an lr")
+        defaults = MUON_DEFAULTS if kind == "muon" else ADAMW_DEFAULTS
+        for key, value in defaults.items():
+            param_group.setdefault(key, value)
+        param_group.setdefault("initial_lr", param_group["lr"])
+        super().add_param_group(param_group)
+        if kind == "muon":
+            shapes = {tuple(p.shape) for p in self.param_groups[-1]["params"]}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                raise ValueError(f"a muon param group needs 2-D matrices of one shape, got shapes {sorted(shapes)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = _rank_and_world()
+        pending = [self._reduce_gradients(group, world) for group in self.param_groups]
+        for group, (grads, handles) in zip(self.param_groups, pending):
+            for handle in handles:
+                handle.wait()
+            if world > 1:
+                for grad in grads:
+                    grad.div_(world)
+            if group["kind"] == "adamw":
+                self._adamw_step(group, grads)
+            else:
+                self._muon_step(group, grads[0], rank, world)
+        return loss
+
+    def _reduce_gradients(self, group: dict, world: int) -> tuple[list[torch.Tensor], list]:
+        """Start averaging this group's gradients across ranks; return the tensors and the async handles.
+
+        AdamW: the parameters' own .grad tensors (parameters without a gradient are skipped). Muon: one
+        stacked (padded to a multiple of the world size) tensor, a missing gradient counting as zero.
+        """
+        if group["kind"] == "adamw":
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+        else:
+            params = group["params"]
+            padded = -(-len(params) // world) * world
+            stacked = torch.zeros((padded, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    stacked[i].copy_(p.grad)
+            grads = [stacked]
+        handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads] if world > 1 else []
+        return grads, handles
+
+    def _adamw_step(self, group: dict, grads: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+            bias_correction1 = 1 - beta1 ** state["step"]
+            bias_correction2 = 1 - beta2 ** state["step"]
+            denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+            p.mul_(1 - lr * weight_decay)
+            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    def _muon_step(self, group: dict, stacked_grads: torch.Tensor, rank: int, world: int) -> None:
+        """Update this rank's chunk of the group's matrices, then (distributed) share the new weights."""
+        params = group["params"]
+        chunk = stacked_grads.size(0) // world
+        owned = range(rank * chunk, min((rank + 1) * chunk, len(params)))
+        rows, cols = params[0].shape
+        scale = max(1.0, rows / cols) ** 0.5
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        for index in owned:
+            p, grad = params[index], stacked_grads[index]
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(grad, 1 - momentum)
+            direction = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+            update = newton_schulz(direction, group["ns_steps"])
+            p.mul_(1 - lr * weight_decay)
+            p.add_(update, alpha=-lr * scale)
+        if world > 1:
+            mine = stacked_grads[rank * chunk:(rank + 1) * chunk]
+            for slot, index in enumerate(owned):
+                mine[slot].copy_(params[index])
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine)
+            everything = torch.cat(gathered)
+            for index, p in enumerate(params):
+                p.copy_(everything[index])

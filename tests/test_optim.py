@@ -1,0 +1,168 @@
+"""MuonAdamW: Newton-Schulz, the AdamW and Muon updates, state_dict round trip, and the 2-process gloo step."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import MuonAdamW, newton_schulz
+
+VOCAB = 41
+LRS = dict(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, scalar_lr=0.05, weight_decay=0.01)
+
+
+def tiny_model(seed: int = 0, n_layer: int = 1) -> GPT:
+    """A tiny model with GQA, so the Muon groups hold 1 or 2 matrices (odd counts exercise the padding)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
+                       window_pattern="SL", short_window=4)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0.0, 0.1)
+            block.mlp.c_proj.weight.normal_(0.0, 0.05)
+    return model
+
+
+def batch(seed: int, rows: int = 4, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (rows, length + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_steps(model: GPT, optimizer: MuonAdamW, steps, rows: slice = slice(None)) -> list[float]:
+    losses = []
+    for step in steps:
+        inputs, targets = batch(step)
+        loss = model(inputs[rows], targets[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
+def test_newton_schulz_is_near_orthogonal(shape):
+    torch.manual_seed(0)
+    grad = torch.randn(shape)
+    singular_values = torch.linalg.svdvals(newton_schulz(grad, steps=5))
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+    assert torch.linalg.svdvals(grad).max() / torch.linalg.svdvals(grad).min() > 3  # the input was not
+    # left and right singular vectors are kept: the result is close to U V^T
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    cosine = torch.nn.functional.cosine_similarity(newton_schulz(grad).flatten(), (u @ vh).flatten(), dim=0)
+    assert cosine > 0.95
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    weights = torch.randn(5, 7)
+    ours = torch.nn.Parameter(weights.clone())
+    reference = torch.nn.Parameter(weights.clone())
+    optimizer = MuonAdamW([dict(params=[ours], kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10,
+                                weight_decay=0.1)])
+    torch_adamw = torch.optim.AdamW([reference], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for step in range(5):
+        grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(step))
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        torch_adamw.step()
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_muon_update_is_scaled_orthogonal_direction():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(64, 16))
+    before = param.detach().clone()
+    optimizer = MuonAdamW([dict(params=[param], kind="muon", lr=0.1, momentum=0.0, nesterov=False)])
+    param.grad = torch.randn(64, 16)
+    optimizer.step()
+    step = (before - param.detach()) / 0.1
+    assert torch.allclose(step, newton_schulz(param.grad) * 2.0, atol=1e-5)  # sqrt(64 / 16) = 2
+
+
+def test_optimizer_decreases_loss_on_a_toy_problem():
+    model = tiny_model()
+    optimizer = model.setup_optimizer(**LRS)
+    inputs, targets = batch(0)
+    losses = []
+    for _ in range(30):
+        loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lr_is_scheduled_through_initial_lr():
+    model = tiny_model()
+    optimizer = model.setup_optimizer(**LRS)
+    before = copy.deepcopy(model.state_dict())
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * 0.0
+    train_steps(model, optimizer, [0])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_state_dict_round_trip_gives_identical_next_step():
+    model = tiny_model()
+    optimizer = model.setup_optimizer(**LRS)
+    train_steps(model, optimizer, range(3))
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    train_steps(model, optimizer, [3, 4])
+
+    resumed = tiny_model(seed=99)
+    resumed_optimizer = resumed.setup_optimizer(**LRS)
+    resumed.load_state_dict(model_state)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    assert [g["initial_lr"] for g in resumed_optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
+    train_steps(resumed, resumed_optimizer, [3, 4])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_param_group_validation():
+    matrix = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="kind"):
+        MuonAdamW([dict(params=[matrix], lr=0.1)])
+    with pytest.raises(ValueError, match="one shape"):
+        MuonAdamW([dict(params=[matrix, torch.nn.Parameter(torch.zeros(4, 2))], kind="muon", lr=0.1)])
+    with pytest.raises(ValueError, match="2-D"):
+        MuonAdamW([dict(params=[torch.nn.Parameter(torch.zeros(4))], kind="muon", lr=0.1)])
+    with pytest.raises(ValueError, match="lr"):
+        MuonAdamW([dict(params=[matrix], kind="adamw")])
+
+
+def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model(n_layer=2)
+        optimizer = model.setup_optimizer(**LRS)
+        rows_per_rank = 4 // world_size
+        train_steps(model, optimizer, range(3), rows=slice(rank * rows_per_rank, (rank + 1) * rows_per_rank))
+        torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_step_matches_single_process(tmp_path):
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    single = tiny_model(n_layer=2)
+    optimizer = single.setup_optimizer(**LRS)
+    train_steps(single, optimizer, range(3))
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    start = tiny_model(n_layer=2).state_dict()
+    for name, expected in single.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.allclose(rank0[name], expected, atol=1e-4, rtol=0), name
+        assert not torch.equal(expected, start[name]), name
