@@ -1,0 +1,145 @@
+"""Base pretraining: exact resume after kills and signals, divergence, and bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanochat import checkpoint as ckpt
+from tests.conftest import REPO, run_stage
+
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
+        "--device-batch-size", "4", "--total-batch-size", "512", "--eval-every", "5", "--eval-tokens", "512",
+        "--sample-every", "-1", "--device-type", "cpu", "--tokenizer-threads", "1"]
+STEPS = 12
+
+
+def _losses(cache: Path, tag: str) -> list:
+    directory = cache / "base_checkpoints" / tag
+    step = ckpt.latest_complete_step(directory)
+    meta = ckpt.read_meta(directory, step)
+    assert meta["finished"], f"run {tag} did not finish"
+    return meta["loop_state"]["loss_history"], meta["loop_state"]["val_history"]
+
+
+def _popen(cache: Path, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(directory: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = ckpt.latest_complete_step(directory)
+        if step is not None and step >= at_least:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_kill_and_resume_is_bit_identical(tiny_cache):
+    straight = [*TINY, "--num-iterations", str(STEPS), "--save-every", "1", "--model-tag", "straight"]
+    run_stage("base_train", *straight, cache=tiny_cache)
+    expected = _losses(tiny_cache, "straight")
+    assert len(expected[0]) == STEPS
+
+    rng = random.Random(1234)
+    resumed = [*TINY, "--num-iterations", str(STEPS), "--save-every", "1", "--model-tag", "resumed"]
+    directory = tiny_cache / "base_checkpoints" / "resumed"
+    kills = 0
+    for target in (STEPS // 2, STEPS // 2 + 3):
+        proc = _popen(tiny_cache, resumed)
+        _wait_for_checkpoint(directory, target, proc)
+        time.sleep(rng.uniform(0.0, 0.4))  # lands anywhere: mid-step, mid-save, mid-eval
+        proc.kill()
+        proc.wait()
+        kills += 1
+        leftovers = [p.name for p in directory.iterdir() if ".tmp" in p.name]
+        step = ckpt.latest_complete_step(directory)
+        assert step is not None and ckpt.read_meta(directory, step) is not None, leftovers
+    run_stage("base_train", *resumed, cache=tiny_cache)
+    assert kills == 2
+    assert _losses(tiny_cache, "resumed") == expected
+    assert not [p for p in directory.iterdir() if ".tmp" in p.name]
+
+
+def test_signal_saves_and_exits_75_then_resumes(tiny_cache):
+    args = [*TINY, "--num-iterations", str(STEPS), "--save-every", "100", "--model-tag", "sig"]
+    run_stage("base_train", *[*args[:-1], "sig-straight"], cache=tiny_cache)
+    proc = _popen(tiny_cache, args)
+    deadline = time.monotonic() + 120
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 000003/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+        assert time.monotonic() < deadline
+    out = proc.stdout.read()
+    assert proc.wait() == 75, "".join(lines) + out
+    assert "SIGUSR1 received" in out
+    directory = tiny_cache / "base_checkpoints" / "sig"
+    stopped_at = ckpt.latest_complete_step(directory)
+    assert 3 <= stopped_at < STEPS and not ckpt.read_meta(directory, stopped_at)["finished"]
+    again = run_stage("base_train", *args, cache=tiny_cache)
+    assert f"resumed from {directory} at step {stopped_at}" in again.stdout
+    assert _losses(tiny_cache, "sig") == _losses(tiny_cache, "sig-straight")
+    rerun = run_stage("base_train", *args, cache=tiny_cache)
+    assert "nothing to do" in rerun.stdout
+
+
+def test_report_section_and_learning(tiny_cache):
+    run_stage("base_train", *TINY, "--num-iterations", "30", "--model-tag", "learn", cache=tiny_cache)
+    report = json.loads((tiny_cache / "report" / "base_train.json").read_text())
+    assert report["num_iterations"] == 30 and report["tokens_seen"] == 30 * 512
+    first, last = report["val_history"][0], report["val_history"][-1]
+    assert last[1] < first[1]
+    assert report["final_val_bpb"] == last[1]
+
+
+def test_divergence_exits_3_and_keeps_last_good_checkpoint(tiny_cache):
+    args = [*TINY, "--num-iterations", "40", "--save-every", "1", "--model-tag", "boom",
+            "--matrix-lr", "1e20", "--embedding-lr", "1e20", "--unembedding-lr", "1e20", "--scalar-lr", "1e20"]
+    proc = run_stage("base_train", *args, cache=tiny_cache, check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training diverged" in proc.stdout
+    directory = tiny_cache / "base_checkpoints" / "boom"
+    step = ckpt.latest_complete_step(directory)
+    if step is not None:
+        meta = ckpt.read_meta(directory, step)
+        assert all(math.isfinite(loss) for _, loss in meta["loop_state"]["loss_history"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depth", "0"], "--depth must be a positive number of layers"),
+    (["--device-batch-size", "3", "--total-batch-size", "1000"], "total_batch_size"),
+    (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
+])
+def test_bad_flags_exit_2_with_one_line(tiny_cache, args, message):
+    proc = run_stage("base_train", *TINY, "--num-iterations", "2", *args, cache=tiny_cache, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_missing_inputs_exit_2_naming_the_fix(tiny_cache):
+    import shutil
+
+    shutil.rmtree(tiny_cache / "base_data")
+    proc = run_stage("base_train", *TINY, cache=tiny_cache, check=False)
+    assert proc.returncode == 2 and "download_data.sh" in proc.stderr, proc.stderr
+    (tiny_cache / "tokenizer" / "tokenizer.json").unlink()
+    proc = run_stage("base_train", *TINY, cache=tiny_cache, check=False)
+    assert proc.returncode == 2 and "python -m scripts.tok_train" in proc.stderr, proc.stderr
+    assert not (tiny_cache / "base_checkpoints").exists()
