@@ -1,0 +1,335 @@
+"""Executors: one interface, `launch(plan) -> exit status`, with a local and a SLURM back end.
+
+Both run the same `PipelineRunner`: one subprocess per stage (its own process group, output streamed to
+the terminal and to `logs/<site>/<launch-id>/<stage>.log`), one line per stage start and end in
+`launch.log`, stop at the first failing stage and return its status. SIGUSR1/SIGUSR2/SIGTERM are
+forwarded to the running stage, which saves a checkpoint and exits 75; the pipeline then exits 75 too.
+
+`SlurmExecutor` submits a `PipelineJob` through submitit. Inside the allocation the job runs the runner;
+when SLURM signals the time limit, submitit calls `PipelineJob.checkpoint`, which forwards the signal,
+waits for the stage to save and exit, and hands back a fresh job that submitit requeues: finished stages
+are no-ops on the rerun and training stages resume from their latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from launch.commands import Rendezvous, stage_command
+from launch.config import LaunchConfig
+from launch.logs import LaunchLog, launch_dir, new_launch_id
+from launch.slurm_env import SlurmJob
+from launch.stages import STAGES_BY_NAME
+from nanochat.configargs import EXIT_RESUMABLE
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+SUBMITIT_SIGNAL = signal.SIGUSR2  # submitit's time-limit signal (NCCL may use USR1)
+STATUS_MEANING = {
+    0: "done",
+    1: "crashed (traceback in its log)",
+    2: "refused: usage error or missing input (its last line names the fix)",
+    3: "training diverged; the last good checkpoint is kept",
+    EXIT_RESUMABLE: "stopped after saving a checkpoint; run the same command again to resume",
+}
+TAIL_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What to run: picklable, so the SLURM job receives it as is."""
+
+    config: LaunchConfig
+    stages: tuple[str, ...]
+    extra_base_train: tuple[str, ...]
+    repo_root: Path
+    logs_root: Path
+
+
+def _ignore_user_signals() -> None:
+    """In the stage's child before exec: torchrun would die on SIGUSR1/2 (default action); the stage's own
+    handlers replace the inherited SIG_IGN, so workers still see the signal."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def torchrun_children_resumable(output_tail: bytes) -> bool:
+    """torchrun exits 1 whenever a worker fails; its failure summary lists every worker's `exitcode`."""
+    codes = re.findall(rb"exitcode\s*:\s*(-?\d+)", output_tail)
+    return bool(codes) and all(int(code) == EXIT_RESUMABLE for code in codes)
+
+
+def descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, process group) of every descendant of `root`, from /proc; [] where /proc does not exist."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), int(fields[2])))
+    found, frontier = [], [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child[0])
+    return found
+
+
+class StageProcess:
+    """One running stage: output copied to the terminal and its log; safe to finish from a signal handler."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path, out_fd: int):
+        self.out_fd = out_fd
+        self.log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.tail = b""
+        self.status: int | None = None
+        self.process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=dict(env), cwd=cwd, start_new_session=True,
+                                        preexec_fn=_ignore_user_signals)
+
+    def send(self, signum: int) -> None:
+        """Signal the stage's process group and every descendant that left it (torchrun starts each worker
+        in a session of its own)."""
+        targets = [pid for pid, group in descendants(self.process.pid) if group != self.process.pid]
+        for send, target in [(os.killpg, self.process.pid), *((os.kill, pid) for pid in targets)]:
+            try:
+                send(target, signum)
+            except ProcessLookupError:
+                pass
+
+    def finish(self) -> int:
+        """Copy output until the stage closes it, then its exit status (128+N when killed by signal N)."""
+        if self.status is not None:
+            return self.status
+        fd = self.process.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            os.write(self.out_fd, chunk)
+            os.write(self.log_fd, chunk)
+            self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+        code = self.process.wait()
+        self.status = 128 - code if code < 0 else code
+        return self.status
+
+    def close(self) -> None:
+        os.close(self.log_fd)
+        self.process.stdout.close()
+
+
+class PipelineRunner:
+    """Runs the plan's stages in order in this allocation or on this machine."""
+
+    def __init__(self, plan: LaunchPlan, log: LaunchLog, rendezvous: Rendezvous | None = None,
+                 num_nodes: int = 1, node_rank: int = 0, environ: Mapping[str, str] | None = None,
+                 out_fd: int = 1):
+        self.plan = plan
+        self.log = log
+        self.rendezvous = rendezvous
+        self.num_nodes = num_nodes
+        self.node_rank = node_rank
+        self.env = {**(os.environ if environ is None else environ), **plan.config.stage_env}
+        self.out_fd = out_fd
+        self.stop_requested = False
+        self.current: StageProcess | None = None
+        self._current_name = ""
+        self._current_start = 0.0
+        self._current_logged = False
+
+    def say(self, text: str) -> None:
+        os.write(self.out_fd, f"[launch] {text}\n".encode())
+
+    def run(self) -> int:
+        config = self.plan.config
+        self.log.event(event="launch_start", site=config.site.name, stages=",".join(self.plan.stages),
+                       nodes=self.num_nodes)
+        started = time.monotonic()
+        status = 0
+        for name in self.plan.stages:
+            if self.stop_requested:
+                status = EXIT_RESUMABLE
+                break
+            status = self._run_stage(name)
+            if status == 0 and self.stop_requested:
+                status = EXIT_RESUMABLE
+            if status != 0:
+                self.say(f"stage {name} exited {status}: {STATUS_MEANING.get(status, 'failed')}; "
+                         f"log: {self.log.stage_log(name, self.node_rank, self.num_nodes)}")
+                break
+        seconds = time.monotonic() - started
+        gpu_hours = seconds / 3600 * config.site.gpus_per_node * self.num_nodes
+        cost = {} if config.price_per_gpu_hour is None else {"cost": round(gpu_hours * config.price_per_gpu_hour, 2)}
+        self.log.event(event="launch_end", status=status, seconds=seconds, gpu_hours=round(gpu_hours, 3), **cost)
+        if status == 0:
+            spent = f", {gpu_hours:.2f} GPU-hours" if gpu_hours else ""
+            spent += f" (about {cost['cost']:.2f})" if cost and gpu_hours else ""
+            self.say(f"all {len(self.plan.stages)} stages finished in {seconds:.0f} s{spent}")
+        return status
+
+    def _run_stage(self, name: str) -> int:
+        command = stage_command(name, self.plan.config, self.plan.extra_base_train, self.rendezvous,
+                                self.num_nodes)
+        log_path = self.log.stage_log(name, self.node_rank, self.num_nodes)
+        self.say(f"stage {name}: {command.shell()}")
+        self.log.event(stage=name, event="start", command=command.shell())
+        self._current_name, self._current_start, self._current_logged = name, time.monotonic(), False
+        self.current = StageProcess(command.argv, self.env, self.plan.repo_root, log_path, self.out_fd)
+        status = self._finish_current()
+        self.current.close()
+        self.current = None
+        return status
+
+    def _finish_current(self) -> int:
+        stage = self.current
+        status = stage.finish()
+        under_torchrun = STAGES_BY_NAME[self._current_name].distributed and "--nproc_per_node" in " ".join(
+            stage.process.args)
+        if status == 1 and self.stop_requested and under_torchrun and torchrun_children_resumable(stage.tail):
+            status = EXIT_RESUMABLE
+        if not self._current_logged:
+            self._current_logged = True
+            self.log.event(stage=self._current_name, event="end", status=status,
+                           seconds=time.monotonic() - self._current_start)
+        return status
+
+    def request_stop(self, signum: int) -> None:
+        """Forward a stop signal to the running stage; no further stage starts."""
+        self.stop_requested = True
+        if self.current is not None:
+            self.say(f"forwarding {signal.Signals(signum).name} to stage {self._current_name}")
+            self.current.send(signum)
+
+    def stop_and_wait(self, signum: int) -> int | None:
+        """Forward `signum` and wait until the stage has saved and exited (for submitit's checkpoint)."""
+        self.request_stop(signum)
+        return None if self.current is None else self._finish_current()
+
+
+class Executor(ABC):
+    name: str
+
+    @abstractmethod
+    def launch(self, plan: LaunchPlan) -> int:
+        """Run or submit the plan; the exit status the launcher returns."""
+
+
+class LocalExecutor(Executor):
+    """Stages as subprocesses of this process (a laptop, a GPU box, or inside a SLURM allocation)."""
+
+    name = "local"
+
+    def __init__(self, environ: Mapping[str, str] | None = None, out_fd: int = 1, handle_signals: bool = True):
+        self.environ = os.environ if environ is None else environ
+        self.out_fd = out_fd
+        self.handle_signals = handle_signals
+
+    def launch(self, plan: LaunchPlan) -> int:
+        job = SlurmJob.from_environ(self.environ)
+        num_nodes = job.num_nodes if job else 1
+        rendezvous = Rendezvous.from_job(job) if job and num_nodes > 1 else None
+        directory = launch_dir(plan.logs_root, plan.config.site.name, new_launch_id(job))
+        runner = PipelineRunner(plan, LaunchLog(directory), rendezvous, num_nodes, 0, self.environ, self.out_fd)
+        runner.say(f"logs: {directory}")
+        previous = {}
+        if self.handle_signals:
+            for signum in (*STOP_SIGNALS, signal.SIGINT):
+                previous[signum] = signal.signal(signum, lambda s, _f: runner.request_stop(s))
+        try:
+            return runner.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+class PipelineFailed(RuntimeError):
+    """Raised inside the SLURM job so that SLURM and submitit record a failure, never COMPLETED."""
+
+
+class PipelineJob(submitit.helpers.Checkpointable):
+    """The callable submitit runs once per node: the remaining stages, with requeue on the time limit."""
+
+    def __init__(self, plan: LaunchPlan):
+        self.plan = plan
+        self.runner: PipelineRunner | None = None
+
+    def __getstate__(self):
+        return {"plan": self.plan, "runner": None}
+
+    def __call__(self) -> int:
+        job = SlurmJob.from_environ()
+        if job is None:
+            raise PipelineFailed("PipelineJob runs inside a SLURM job (SLURM_JOB_ID is not set)")
+        rendezvous = Rendezvous.from_job(job) if job.num_nodes > 1 else None
+        directory = launch_dir(self.plan.logs_root, self.plan.config.site.name, job.job_id)
+        self.runner = PipelineRunner(self.plan, LaunchLog(directory, enabled=job.node_rank == 0), rendezvous,
+                                     job.num_nodes, job.node_rank)
+        if job.node_rank != 0:  # submitit checkpoints on the first task only; other nodes just forward
+            signal.signal(SUBMITIT_SIGNAL, lambda s, _f: self.runner.request_stop(s))
+        status = self.runner.run()
+        if status == 0 or (status == EXIT_RESUMABLE and job.node_rank != 0):
+            return status
+        raise PipelineFailed(f"stopped with status {status}: {STATUS_MEANING.get(status, 'failed')}")
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        if self.runner is not None:
+            self.runner.stop_and_wait(SUBMITIT_SIGNAL)
+        return submitit.helpers.DelayedSubmission(PipelineJob(self.plan))
+
+
+def slurm_parameters(config: LaunchConfig, repo_root: Path, job_name: str) -> dict[str, object]:
+    """submitit.AutoExecutor parameters from the profile and .env.local (unset values are left to SLURM)."""
+    site, slurm = config.site, config.slurm
+    mail = {name: value for name, value in (("mail-user", slurm.mail_user), ("mail-type", slurm.mail_type))
+            if value}
+    params: dict[str, object] = {
+        "name": job_name,
+        "timeout_min": slurm.timeout_minutes,
+        "nodes": site.nodes,
+        "tasks_per_node": 1,
+        "gpus_per_node": site.gpus_per_node,
+        "cpus_per_task": slurm.cpus_per_task,
+        "stderr_to_stdout": True,
+        "slurm_signal_delay_s": slurm.signal_lead_seconds,
+        "slurm_max_num_timeout": slurm.max_requeues,
+        "slurm_setup": [f"cd {shlex.quote(str(repo_root))}",
+                        f"export PYTHONPATH={shlex.quote(str(repo_root))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+    }
+    optional = {"slurm_partition": slurm.partition, "slurm_account": slurm.account, "slurm_mem": slurm.mem_per_node}
+    params.update({name: value for name, value in optional.items() if value})
+    if mail:
+        params["slurm_additional_parameters"] = mail
+    return params
+
+
+class SlurmExecutor(Executor):
+    """Submits the plan as one SLURM job through submitit; returns at once with the job id printed."""
+
+    name = "slurm"
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+
+    def launch(self, plan: LaunchPlan) -> int:
+        site_logs = plan.logs_root / plan.config.site.name
+        site_logs.mkdir(parents=True, exist_ok=True)
+        executor = submitit.AutoExecutor(folder=site_logs / "%j", cluster="slurm")
+        executor.update_parameters(**slurm_parameters(plan.config, plan.repo_root, f"nanochat-{plan.config.site.name}"))
+        job = executor.submit(PipelineJob(plan))
+        folder = site_logs / str(job.job_id)
+        print(f"[launch] submitted SLURM job {job.job_id}: stages {','.join(plan.stages)}\n"
+              f"[launch] logs: {folder}/ (launch.log, <stage>.log, submitit's {job.job_id}_0_log.out)\n"
+              f"[launch] watch: squeue -j {job.job_id}; tail -f {folder}/launch.log", file=self.out)
+        return 0

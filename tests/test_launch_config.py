@@ -1,0 +1,125 @@
+"""Launcher settings: layer precedence and sources, env-file parsing, unknown keys, the 40 GB batch rule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launch.config import SOURCE_ADJUSTED, format_config, resolve_config
+from launch.detect import GpuInfo
+from launch.sites import available_sites, read_env_file
+from nanochat.configargs import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRON = {"HOME": "/home/ada", "USER": "ada"}
+
+
+def no_gpus() -> list[GpuInfo]:
+    return []
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A repository root with the real site files and no .env.local."""
+    shutil.copytree(REPO / "env", tmp_path / "env")
+    return tmp_path
+
+
+def resolve(repo: Path, site: str, cli=None, probe=no_gpus):
+    return resolve_config(site, repo, cli or {}, ENVIRON, probe, cpu_count=lambda: 4)
+
+
+def test_every_shipped_site_resolves(repo):
+    assert available_sites(repo) == ["a100-slurm", "cpu", "gb10", "h100x8"]
+    for site in available_sites(repo):
+        config = resolve(repo, site)
+        assert config.site.name == site
+        assert config.stage_env["NANOCHAT_BASE_DIR"] == str(config.site.cache_dir)
+
+
+def test_precedence_cli_over_local_over_site_over_default(repo):
+    (repo / ".env.local").write_text("DEPTH=6\nMAX_SEQ_LEN=256\nSBATCH_ACCOUNT=physics\n")
+    config = resolve(repo, "cpu", {"DEPTH": "8"})
+    assert (config.run.depth, config.sources["DEPTH"]) == (8, "cli")
+    assert (config.run.max_seq_len, config.sources["MAX_SEQ_LEN"]) == (256, ".env.local")
+    assert (config.run.vocab_size, config.sources["VOCAB_SIZE"]) == (1024, "env/cpu.env")
+    assert (config.slurm.account, config.sources["SBATCH_ACCOUNT"]) == ("physics", ".env.local")
+    assert config.sources["SIGNAL_LEAD_SECONDS"] == "default"
+    text = format_config(config)
+    assert "DEPTH" in text and "[cli]" in text and "[.env.local]" in text and "[env/cpu.env]" in text
+
+
+def test_cache_dir_expands_user_and_home(repo):
+    assert resolve(repo, "a100-slurm").site.cache_dir == Path("/scratch/ada/nanochat-cache")
+    assert resolve(repo, "cpu").site.cache_dir == Path("/home/ada/.cache/nanochat/demo")
+
+
+def test_model_tag_defaults_to_depth(repo):
+    assert resolve(repo, "cpu").run.model_tag == "d4"
+    assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"
+
+
+def test_unknown_key_in_env_local_names_closest(repo):
+    (repo / ".env.local").write_text("SBATCH_ACOUNT=physics\n")
+    with pytest.raises(UsageError, match=r"unknown key SBATCH_ACOUNT in .*\.env\.local; did you mean SBATCH_ACCOUNT\?"):
+        resolve(repo, "cpu")
+
+
+def test_env_file_parsing_comments_and_pass_through(tmp_path):
+    path = tmp_path / "x.env"
+    path.write_text("# comment\nDEPTH=4  # trailing\nNCCL_SOCKET_IFNAME=ib0\nWANDB_PROJECT='my proj'\n")
+    assert read_env_file(path) == {"DEPTH": "4", "NCCL_SOCKET_IFNAME": "ib0", "WANDB_PROJECT": "my proj"}
+
+
+def test_bad_values_are_usage_errors(repo):
+    with pytest.raises(UsageError, match="PRECISION='fp64'"):
+        resolve(repo, "cpu", {"PRECISION": "fp64"})
+    with pytest.raises(UsageError, match="expected int"):
+        resolve(repo, "cpu", {"DEPTH": "four"})
+    with pytest.raises(UsageError, match="SBATCH_TIMELIMIT"):
+        resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "twelve hours"})
+
+
+def test_timelimit_minutes(repo):
+    assert resolve(repo, "a100-slurm").slurm.timeout_minutes == 720
+    assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "1-02:30:00"}).slurm.timeout_minutes == 1590
+
+
+def test_40gb_gpus_halve_site_batch_and_keep_total(repo):
+    config = resolve(repo, "a100-slurm")
+    assert config.run.device_batch_size == 16
+    assert config.run.total_batch_size == 524288
+    assert config.sources["DEVICE_BATCH_SIZE"] == SOURCE_ADJUSTED
+    assert any("32 -> 16" in note for note in config.notes)
+
+
+def test_40gb_rule_respects_explicit_batch_and_80gb(repo):
+    assert resolve(repo, "a100-slurm", {"DEVICE_BATCH_SIZE": "32"}).run.device_batch_size == 32
+    (repo / ".env.local").write_text("GPU_MEMORY_GB=80\n")
+    config = resolve(repo, "a100-slurm")
+    assert config.run.device_batch_size == 32 and not config.notes
+
+
+def test_probe_sets_gpu_count_and_memory_for_local_sites(repo):
+    four = [GpuInfo("NVIDIA H100 80GB HBM3", 79.6)] * 4
+    config = resolve(repo, "h100x8", probe=lambda: four)
+    assert config.site.gpus_per_node == 4 and config.sources["GPUS_PER_NODE"] == "nvidia-smi"
+    assert config.site.gpu_memory_gb == 79.6
+    small = [GpuInfo("NVIDIA A100-SXM4-40GB", 40.0)] * 8
+    assert resolve(repo, "h100x8", probe=lambda: small).run.device_batch_size == 16
+
+
+def test_omp_threads_auto(repo):
+    assert resolve(repo, "cpu").stage_env["OMP_NUM_THREADS"] == "4"
+    assert resolve(repo, "a100-slurm").stage_env["OMP_NUM_THREADS"] == str(64 // 8)
+
+
+def test_site_environment_variables(repo):
+    gb10 = resolve(repo, "gb10").stage_env
+    assert gb10["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert gb10["TORCHINDUCTOR_MAX_AUTOTUNE_GEMM"] == "1"
+    slurm = resolve(repo, "a100-slurm").stage_env
+    assert (slurm["HF_HUB_OFFLINE"], slurm["HF_DATASETS_OFFLINE"], slurm["WANDB_MODE"]) == ("1", "1", "offline")
+    assert "HF_HUB_OFFLINE" not in resolve(repo, "cpu").stage_env

@@ -1,0 +1,214 @@
+"""LocalExecutor with fake stages (tiny scripts in a temporary repo), SLURM parameters and multi-node commands."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.commands import Rendezvous, stage_command
+from launch.config import resolve_config
+from launch.executors import (
+    LaunchPlan,
+    LocalExecutor,
+    PipelineJob,
+    slurm_parameters,
+    torchrun_children_resumable,
+)
+from launch.slurm_env import SlurmJob
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d stage=(\w+) event=end status=(\d+) seconds=\d+\.\d$")
+
+
+def fake_repo(root: Path, stages: dict[str, str]) -> Path:
+    """A repo with the real site files and `scripts/<stage>.py` bodies standing in for the stages."""
+    shutil.copytree(REPO / "env", root / "env")
+    (root / "scripts").mkdir()
+    (root / "scripts" / "__init__.py").write_text("")
+    for name, body in stages.items():
+        (root / "scripts" / f"{name}.py").write_text(textwrap.dedent(body))
+    return root
+
+
+def plan_for(root: Path, stages: tuple[str, ...], cache: Path) -> LaunchPlan:
+    config = resolve_config("cpu", root, {"NANOCHAT_BASE_DIR": str(cache)}, {"HOME": str(cache)}, list,
+                            cpu_count=lambda: 2)
+    return LaunchPlan(config, stages, (), root, root / "logs")
+
+
+def run_local(plan: LaunchPlan, tmp_path: Path) -> tuple[int, str]:
+    out = tmp_path / "terminal.txt"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        status = LocalExecutor(environ={"PATH": os.environ["PATH"]}, out_fd=fd).launch(plan)
+    finally:
+        os.close(fd)
+    return status, out.read_text()
+
+
+def test_runs_stages_in_order_with_logs(tmp_path):
+    echo_env = "import os, sys; print('tok_eval sees', os.environ['NANOCHAT_BASE_DIR'], sys.argv[1:])"
+    root = fake_repo(tmp_path / "repo", {"tok_eval": echo_env, "report": "print('report done')"})
+    status, terminal = run_local(plan_for(root, ("tok_eval", "report"), tmp_path / "cache"), tmp_path)
+    assert status == 0
+    (folder,) = (root / "logs" / "cpu").iterdir()
+    assert f"tok_eval sees {tmp_path / 'cache'} []" in (folder / "tok_eval.log").read_text()
+    assert "report done" in (folder / "report.log").read_text()
+    assert "tok_eval sees" in terminal and "all 2 stages finished" in terminal
+    ends = [LINE.match(line) for line in (folder / "launch.log").read_text().splitlines() if "event=end" in line]
+    assert [(m.group(1), m.group(2)) for m in ends] == [("tok_eval", "0"), ("report", "0")]
+
+
+def test_stops_at_first_failure_with_its_status(tmp_path):
+    root = fake_repo(tmp_path / "repo", {
+        "tok_eval": "import sys; print('diverged'); sys.exit(3)",
+        "report": "open('ran', 'w').write('report must not run')",
+    })
+    status, terminal = run_local(plan_for(root, ("tok_eval", "report"), tmp_path / "cache"), tmp_path)
+    assert status == 3
+    assert not (root / "ran").exists()
+    (folder,) = (root / "logs" / "cpu").iterdir()
+    log = (folder / "launch.log").read_text()
+    assert "stage=tok_eval event=end status=3" in log and "stage=report" not in log
+    assert "event=launch_end status=3" in log
+    assert "training diverged" in terminal and "all 2 stages finished" not in terminal
+
+
+STOPPABLE = """
+import signal, sys, time
+def stop(signum, frame):
+    print('saved checkpoint on', signal.Signals(signum).name, flush=True)
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+print('ready', flush=True)
+time.sleep(60)
+sys.exit(0)
+"""
+DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from launch.config import resolve_config
+from launch.executors import LaunchPlan, LocalExecutor
+root = Path({root!r})
+config = resolve_config("cpu", root, {{"NANOCHAT_BASE_DIR": {cache!r}}}, {{"HOME": {cache!r}}}, list)
+sys.exit(LocalExecutor().launch(LaunchPlan(config, ("tok_eval", "report"), (), root, root / "logs")))
+"""
+
+
+def test_forwards_sigusr1_and_exits_75(tmp_path):
+    root = fake_repo(tmp_path / "repo", {"tok_eval": STOPPABLE, "report": "open('ran', 'w').write('no')"})
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO), root=str(root), cache=str(tmp_path / "cache")))
+    launcher = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    stage_log = None
+    while time.monotonic() < deadline:
+        logs = list((root / "logs" / "cpu").glob("*/tok_eval.log")) if (root / "logs").exists() else []
+        if logs and "ready" in logs[0].read_text():
+            stage_log = logs[0]
+            break
+        time.sleep(0.1)
+    assert stage_log is not None, "fake stage never started"
+    launcher.send_signal(signal.SIGUSR1)
+    output = launcher.communicate(timeout=30)[0].decode()
+    assert launcher.returncode == 75, output
+    assert "saved checkpoint on SIGUSR1" in stage_log.read_text()
+    assert not (root / "ran").exists()
+    log = (stage_log.parent / "launch.log").read_text()
+    assert "stage=tok_eval event=end status=75" in log and "event=launch_end status=75" in log
+
+
+def test_torchrun_failure_summary_maps_to_75():
+    summary = b"""Failures:\n[1]:\n  exitcode  : 75 (pid: 12)\nRoot Cause:\n[0]:\n  exitcode  : 75 (pid: 11)\n"""
+    assert torchrun_children_resumable(summary)
+    assert not torchrun_children_resumable(summary.replace(b"75 (pid: 12)", b"1 (pid: 12)"))
+    assert not torchrun_children_resumable(b"Traceback ...")
+
+
+@pytest.fixture
+def slurm_config(tmp_path):
+    shutil.copytree(REPO / "env", tmp_path / "env")
+    (tmp_path / ".env.local").write_text("SBATCH_ACCOUNT=physics\nSBATCH_PARTITION=a100\n"
+                                         "SBATCH_MAIL_USER=ada@example.edu\nSBATCH_MAIL_TYPE=END,FAIL\n")
+    return resolve_config("a100-slurm", tmp_path, {"NODES": "2"}, {"HOME": "/h", "USER": "ada"}, list)
+
+
+def test_slurm_parameters_from_profile_and_env_local(slurm_config, tmp_path):
+    params = slurm_parameters(slurm_config, tmp_path, "nanochat-a100-slurm")
+    assert params["slurm_partition"] == "a100" and params["slurm_account"] == "physics"
+    assert params["slurm_additional_parameters"] == {"mail-user": "ada@example.edu", "mail-type": "END,FAIL"}
+    assert (params["timeout_min"], params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (720, 2, 8, 1)
+    assert params["slurm_max_num_timeout"] == 20 and params["slurm_signal_delay_s"] == 300
+    assert params["cpus_per_task"] == 64 and params["slurm_mem"] == "0"
+
+
+def test_multinode_torchrun_from_fake_nodelist(slurm_config):
+    environ = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+               "SLURM_NODEID": "0", "SLURM_STEP_ID": "0"}
+    job = SlurmJob.from_environ(environ)
+    seen = []
+
+    def expand(nodelist: str) -> list[str]:
+        seen.append(nodelist)
+        return ["gpu07", "gpu08"]
+
+    command = stage_command("base_train", slurm_config, (), Rendezvous.from_job(job, expand), job.num_nodes)
+    assert seen == ["gpu[07-08]"]
+    assert command.argv[1:13] == ("--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+                                  "--rdzv_endpoint", "gpu07:29500", "--rdzv_id", "4242", "-m", "scripts.base_train")
+    batch_job = SlurmJob.from_environ({**environ, "SLURM_STEP_ID": "batch"})
+    wrapped = stage_command("base_train", slurm_config, (), Rendezvous.from_job(batch_job, expand), 2)
+    assert wrapped.argv[:5] == ("srun", "--nodes", "2", "--ntasks-per-node", "1")
+    assert stage_command("report", slurm_config, (), None, 2).argv[1:] == ("-m", "scripts.report")
+
+
+def test_pipeline_job_checkpoint_resubmits_itself(slurm_config, tmp_path):
+    job = PipelineJob(LaunchPlan(slurm_config, ("base_train",), (), tmp_path, tmp_path / "logs"))
+    delayed = job.checkpoint()
+    assert isinstance(delayed.function, PipelineJob) and delayed.function is not job
+    assert delayed.function.plan == job.plan and delayed.function.runner is None
+    assert pickle.loads(pickle.dumps(delayed.function)).plan == job.plan
+
+
+@pytest.mark.slow
+def test_torchrun_stage_stop_maps_to_75(tmp_path):
+    """Real torchrun, two CPU workers: USR1 reaches the workers (own sessions), torchrun's exit 1 becomes 75."""
+    import threading
+
+    from launch.executors import PipelineRunner
+    from launch.logs import LaunchLog
+
+    root = fake_repo(tmp_path / "repo", {"base_train": STOPPABLE})
+    config = resolve_config("h100x8", root, {"NANOCHAT_BASE_DIR": str(tmp_path / "c"), "GPUS_PER_NODE": "2"},
+                            {"HOME": str(tmp_path)}, list)
+    plan = LaunchPlan(config, ("base_train",), (), root, root / "logs")
+    log = LaunchLog(tmp_path / "logs")
+    out_fd = os.open(tmp_path / "terminal.txt", os.O_WRONLY | os.O_CREAT)
+    runner = PipelineRunner(plan, log, out_fd=out_fd)
+
+    def stop_when_ready():
+        stage_log = tmp_path / "logs" / "base_train.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if stage_log.exists() and stage_log.read_text().count("ready") >= 2:
+                runner.request_stop(signal.SIGUSR1)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    try:
+        assert runner.run() == 75
+    finally:
+        os.close(out_fd)
+    assert (tmp_path / "logs" / "base_train.log").read_text().count("saved checkpoint on SIGUSR1") == 2
