@@ -7,7 +7,7 @@ and no unknown token exists. The chat special tokens come first (ids 0..8); `voc
 Special-token strings that appear in ordinary text are encoded as plain text, so user input cannot
 inject them; code asks for their ids with `special_id`.
 
-`iter_parquet_texts` and `train_val_shards` read the pretraining shards the way tokenizer training and
+`iter_parquet_texts` reads the pretraining shards the way tokenizer training and
 evaluation need them.
 """
 
@@ -24,7 +24,6 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.configargs import UsageError
-from nanochat.paths import shard_paths
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
@@ -336,18 +335,6 @@ def load_token_bytes(directory: Path | str) -> torch.Tensor:
     if not path.is_file():
         raise UsageError(f"no token byte lengths at {path}; train the tokenizer with `{TRAIN_COMMAND}`")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def train_val_shards(data_dir: Path) -> tuple[list[Path], Path]:
-    """The pretraining shards split into (train shards, validation shard = the last one)."""
-    shards = shard_paths(data_dir) if Path(data_dir).is_dir() else []
-    if not shards:
-        raise UsageError(f"no parquet shards in {data_dir}; write the demo corpus with "
-                         "`python -m scripts.demo_data` or fetch real data with `bash scripts/download_data.sh`")
-    if len(shards) < 2:
-        raise UsageError(f"only one shard in {data_dir}; need at least 2 because the last one is validation "
-                         "(rerun `python -m scripts.demo_data` or `bash scripts/download_data.sh`)")
-    return shards[:-1], shards[-1]
 
 
 def iter_parquet_texts(shards: Sequence[Path], max_chars: int, doc_cap: int | None = None) -> Iterator[str]:

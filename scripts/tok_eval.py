@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from nanochat.configargs import config_to_dict, require, run_stage
+from nanochat.dataloader import split_shards
 from nanochat.paths import data_dir, tokenizer_dir
 from nanochat.report import write_section
-from nanochat.tokenizer import Tokenizer, iter_parquet_texts, train_val_shards
+from nanochat.tokenizer import Tokenizer, iter_parquet_texts
 
 SNIPPETS = {
     "prose": (
@@ -84,7 +85,7 @@ def _measure(tokenizer: Tokenizer, texts: Iterable[str], batch_docs: int, desc: 
 def main(config: TokEvalConfig) -> int:
     start = time.perf_counter()
     tokenizer = Tokenizer.load(tokenizer_dir())
-    train_shards, val_shard = train_val_shards(data_dir())
+    train_shards, (val_shard,) = split_shards(data_dir(), "train"), split_shards(data_dir(), "val")
     rows = {
         "train": _measure(tokenizer, iter_parquet_texts(train_shards, config.sample_chars), config.batch_docs,
                           "train"),

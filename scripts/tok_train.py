@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nanochat.configargs import UsageError, config_to_dict, require, run_stage
+from nanochat.dataloader import split_shards
 from nanochat.paths import data_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import (
@@ -31,7 +32,6 @@ from nanochat.tokenizer import (
     Tokenizer,
     iter_parquet_texts,
     train_tokenizer,
-    train_val_shards,
 )
 
 ROUND_TRIP_SAMPLE = "Tokenizers split text: 'Hello, world!' costs 12345 bytes; naïve café ☕ 🙂\n\tdef f(x): return x**2"
@@ -98,7 +98,7 @@ def main(config: TokTrainConfig) -> int:
             return 0
         raise UsageError(f"a tokenizer with vocab {existing} exists at {target}; pass --force to replace it "
                          f"with vocab {config.vocab_size} (models trained with the old one stop matching)")
-    train_shards, _ = train_val_shards(data_dir())
+    train_shards = split_shards(data_dir(), "train")
 
     counter = _CharCounter()
     texts = counter.count(iter_parquet_texts(train_shards, config.max_chars, config.doc_cap))

@@ -17,7 +17,6 @@ from nanochat.tokenizer import (
     iter_parquet_texts,
     load_token_bytes,
     train_tokenizer,
-    train_val_shards,
 )
 from scripts import tok_eval, tok_train
 
@@ -258,18 +257,6 @@ def test_iter_parquet_texts_caps(tmp_path):
     assert all(len(t) <= 30 for t in capped)
     assert sum(len(t) for t in capped) == 1000
     assert capped[0] == everything[0][:30]
-
-
-def test_train_val_shards(tmp_path):
-    with pytest.raises(UsageError, match="scripts.demo_data"):
-        train_val_shards(tmp_path / "missing")
-    write_shards(tmp_path, n_shards=1, docs_per_shard=5)
-    with pytest.raises(UsageError, match="at least 2"):
-        train_val_shards(tmp_path)
-    write_shards(tmp_path, n_shards=3, docs_per_shard=5)
-    train, val = train_val_shards(tmp_path)
-    assert [p.name for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
-    assert val.name == "shard_00002.parquet"
 
 
 def test_tok_train_and_tok_eval_cli(cache, capsys):
