@@ -1,0 +1,374 @@
+"""The training loop the post-training stages (mid_train, chat_sft) share.
+
+A stage decides what data to train on; this module does the rest the same way base_train does: resolve the
+source checkpoint, skip a finished run, resume from the latest complete checkpoint of the output folder,
+train with gradient accumulation and the warmup/constant/warmdown schedule, check the validation
+bits-per-byte (on assistant tokens), save atomic checkpoints whose meta carries the model config, save and
+exit 75 on SIGUSR1/SIGUSR2/SIGTERM, exit 3 without stepping on a non-finite loss, print one line per step and
+write the stage's report section.
+
+The loss of a step is the mean over every supervised target token of all micro-batches on all ranks (targets
+of -1 do not count), so padding and a varying number of assistant tokens per batch weigh nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+from nanochat import checkpoint as ckpt
+from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError, require
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.model_loading import find_checkpoint
+from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
+from nanochat.report import write_section
+from nanochat.runtime import Runtime, print0
+from nanochat.schedule import LRSchedule, muon_momentum
+from nanochat.stopping import StopRequest
+from nanochat.tokenizer import load_token_bytes
+
+
+@dataclass
+class FinetuneConfig:
+    """Flags every post-training stage shares (each stage's config extends this one)."""
+
+    model_tag: str | None = field(default=None, metadata={
+        "help": "tag of the source checkpoint, also the output folder (default: the newest source tag)"})
+    step: int | None = field(default=None, metadata={"help": "source checkpoint step (default: its latest)"})
+    device_batch_size: int = field(default=32, metadata={"help": "rows per device per micro-step"})
+    max_seq_len: int | None = field(default=None, metadata={"help": "row length in tokens (default: the model's)"})
+    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1: one pass over the mixture"})
+    lr_scale: float = field(default=1.0, metadata={"help": "multiplies every learning rate below"})
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    eval_every: int = field(default=150, metadata={"help": "steps between validation checks (-1: only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per device per check"})
+    save_every: int = field(default=500, metadata={"help": "steps between checkpoints; one is always written at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "intermediate checkpoints kept (the newest ones)"})
+    identity_file: str | None = field(default=None, metadata={
+        "help": "JSONL of identity conversations (default: the cache's tasks/identity.jsonl)"})
+    identity_epochs: int = field(default=1, metadata={"help": "passes over the identity conversations"})
+    mixture_seed: int = field(default=0, metadata={"help": "seed of the shuffled order of the training mixture"})
+    run: str = field(default="dummy", metadata={"help": "wandb run name; 'dummy' keeps wandb off"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
+    force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
+    seed: int = 42
+    device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+
+    def __post_init__(self) -> None:
+        for name in ("device_batch_size", "eval_batches"):
+            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        require(self.max_seq_len is None or self.max_seq_len > 1, "--max-seq-len must be at least 2")
+        require(self.num_iterations == -1 or self.num_iterations > 0, "--num-iterations must be positive or -1")
+        require(self.eval_every == -1 or self.eval_every > 0, "--eval-every must be positive or -1")
+        require(self.lr_scale > 0, f"--lr-scale must be positive, got {self.lr_scale}")
+        require(self.identity_epochs >= 0, "--identity-epochs must be 0 or more")
+        require(self.device_type in ("auto", "cuda", "mps", "cpu"), "--device-type must be auto, cuda, mps or cpu")
+        require(0 <= self.warmup_ratio <= 1 and 0 <= self.warmdown_ratio <= 1
+                and self.warmup_ratio + self.warmdown_ratio <= 1,
+                "--warmup-ratio and --warmdown-ratio must be in [0, 1] and add up to at most 1")
+        require(0 <= self.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]")
+
+
+class TrainFeed(Protocol):
+    """A rank's endless training batches with a resumable position."""
+
+    epoch: int
+    truncated: int
+    examples_consumed: int
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    """The checkpoint a stage starts from."""
+
+    phase: str
+    tag: str
+    step: int
+    directory: Path
+
+
+def resolve_source(phase: str, config: FinetuneConfig) -> Source:
+    tag, step, directory = find_checkpoint(phase, config.model_tag, config.step)
+    return Source(phase, tag, step, directory)
+
+
+def finished_step(out_dir: Path) -> int | None:
+    """The step of the finished run in `out_dir`, or None when it holds none (or an unfinished one)."""
+    step = ckpt.latest_complete_step(out_dir)
+    meta = ckpt.read_meta(out_dir, step) if step is not None else None
+    return step if meta is not None and meta.get("finished") else None
+
+
+@dataclass
+class FinetuneJob:
+    """Everything the loop needs from a stage."""
+
+    stage: str  # report section name, e.g. "mid_train"
+    phase: str  # checkpoint phase written, e.g. "mid"
+    report_phase: str  # "MID" or "SFT"
+    config: FinetuneConfig
+    source: Source
+    model_config: GPTConfig
+    num_iterations: int
+    grad_accum_steps: int
+    make_feed: Callable[[dict[str, Any] | None], TrainFeed]  # saved position (or None) -> this rank's feed
+    val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # same batches on every call
+    dynamic_shapes: bool  # whether batch widths vary (padded rows): compile accordingly
+    report_extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return checkpoint_dir(self.phase, self.source.tag)
+
+
+def _build_model(model_config: GPTConfig, state: dict, device: torch.device) -> GPT:
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.load_state_dict(state)
+    return model
+
+
+def _setup_wandb(config: FinetuneConfig, is_master: bool, stage: str):
+    if config.run == "dummy" or not is_master:
+        return None
+    import wandb  # imported only when asked for: wandb is slow to import and off by default
+
+    return wandb.init(project="nanochat", name=config.run, job_type=stage, config=dataclasses.asdict(config))
+
+
+def _set_learning_rates(optimizer, lr_mult: float, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_mult
+        if group.get("kind") == "muon":
+            group["momentum"] = muon_momentum(step)
+
+
+def _all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(value)
+    return value
+
+
+def _gather(obj: Any, runtime: Runtime) -> list[Any]:
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
+    """Train `job` to its end (0), until a stop signal (75) or until the loss is not finite (3)."""
+    config, device, out_dir = job.config, runtime.device, job.out_dir
+    if runtime.is_master:
+        ckpt.remove_stale_temporaries(out_dir)
+    runtime.barrier()
+    start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
+    meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
+    source_meta = dataclasses.asdict(job.source) | {"directory": str(job.source.directory)}
+    if meta is not None:
+        require(meta["world_size"] == runtime.world_size,
+                f"the checkpoint at step {start_step} in {out_dir} was written by {meta['world_size']} processes; "
+                f"resume with the same number (now {runtime.world_size}) or pass --force")
+        require(meta["source"]["step"] == job.source.step and meta["source"]["phase"] == job.source.phase,
+                f"the checkpoint in {out_dir} continues {meta['source']['phase']} step {meta['source']['step']}, "
+                f"not {job.source.phase} step {job.source.step}; pass --force to start over")
+
+    if meta is None:
+        model_state, _, _ = ckpt.load_checkpoint(job.source.directory, job.source.step, device, load_optimizer=False)
+    else:
+        model_state, optim_state, meta = ckpt.load_checkpoint(out_dir, start_step, device, rank=runtime.rank)
+    model = _build_model(job.model_config, model_state, device)
+    del model_state
+    model.train()
+    scale = config.lr_scale
+    optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr * scale,
+                                      embedding_lr=config.embedding_lr * scale, matrix_lr=config.matrix_lr * scale,
+                                      scalar_lr=config.scalar_lr * scale, weight_decay=config.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    loop: dict[str, Any] = {"step": 0, "training_seconds": 0.0, "tokens_seen": 0, "supervised_tokens": 0,
+                            "val_history": [], "loss_history": []}
+    feed_state = None
+    if meta is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+        torch.set_rng_state(optim_state["rng_cpu"])
+        if runtime.device_type == "cuda":
+            torch.cuda.set_rng_state(optim_state["rng_cuda"].cpu(), device)
+        loop = meta["loop_state"]
+        feed_state = meta["loader_states"][runtime.rank]
+        print0(runtime, f"resumed from {out_dir} at step {start_step}")
+    else:
+        print0(runtime, f"starting from {job.source.phase} checkpoint {job.source.directory} step {job.source.step}")
+
+    use_compile = config.compile if config.compile is not None else runtime.device_type == "cuda"
+    train_model = torch.compile(model, dynamic=job.dynamic_shapes) if use_compile else model
+    token_bytes = load_token_bytes(tokenizer_dir()).to(device)
+    schedule = LRSchedule(job.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
+    stop = StopRequest().install()
+    wandb_run = _setup_wandb(config, runtime.is_master, job.stage)
+    feed = job.make_feed(feed_state)
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        bpb = evaluate_bpb(model, job.val_batches(), token_bytes, autocast=runtime.autocast(),
+                           distributed=runtime.distributed)
+        model.train()
+        loop["val_history"].append([step, bpb])
+        print0(runtime, f"step {step:06d} | val bpb (assistant tokens) {bpb:.4f}")
+        if wandb_run is not None:
+            wandb_run.log({"step": step, "val/bpb": bpb})
+
+    def save(step: int, finished: bool) -> None:
+        optim_out = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if runtime.device_type == "cuda" else None}
+        meta_out = {"model_config": dataclasses.asdict(job.model_config), "user_config": dataclasses.asdict(config),
+                    "source": source_meta, "num_iterations": job.num_iterations,
+                    "loader_states": _gather(feed.state_dict(), runtime), "loop_state": {**loop, "step": step},
+                    "finished": finished}
+        ckpt.save_checkpoint(out_dir, step, model.state_dict(), optim_out, meta_out, rank=runtime.rank,
+                             world_size=runtime.world_size, barrier=runtime.barrier)
+        if runtime.is_master and not finished:
+            ckpt.prune_checkpoints(out_dir, config.keep_checkpoints)
+        print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
+
+    step = loop["step"]
+    first_step = step
+    try:
+        while True:
+            last = step == job.num_iterations
+            evaluated = bool(loop["val_history"]) and loop["val_history"][-1][0] == step
+            due = config.eval_every > 0 and step % config.eval_every == 0
+            if (due or last) and not evaluated:
+                evaluate(step)
+            if last:
+                save(step, finished=True)
+                break
+            if stop.should_stop(device, runtime.distributed):
+                print0(runtime, f"step {step:06d} | {stop.signal_name or 'stop'} received: saving and exiting "
+                                f"{EXIT_RESUMABLE} (run the same command again to resume)")
+                save(step, finished=False)
+                return EXIT_RESUMABLE
+            runtime.synchronize()
+            t0 = time.perf_counter()
+            lr_mult = schedule.multiplier(step)
+            _set_learning_rates(optimizer, lr_mult, step)
+            train_loss, supervised, tokens = _train_step(train_model, feed, job.grad_accum_steps, runtime)
+            if not math.isfinite(train_loss):
+                print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
+                                f"checkpoint in {out_dir} is kept; lower the learning rates (--lr-scale) and resume.")
+                return EXIT_DIVERGED
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            runtime.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            if not (use_compile and step == first_step + 1):
+                loop["training_seconds"] += dt
+            loop["tokens_seen"] += tokens
+            loop["supervised_tokens"] += supervised
+            loop["loss_history"].append([step, train_loss])
+            print0(runtime, f"step {step:06d}/{job.num_iterations:06d} ({100 * step / job.num_iterations:.1f}%) "
+                            f"| loss {train_loss:.4f} | lr x{lr_mult:.3f} | supervised tokens {supervised:,} "
+                            f"| dt {1000 * dt:.0f} ms | tok/s {tokens / dt:,.0f} | epoch {feed.epoch}")
+            if wandb_run is not None:
+                wandb_run.log({"step": step, "train/loss": train_loss, "train/lr_mult": lr_mult})
+            if config.save_every > 0 and step % config.save_every == 0 and step != job.num_iterations:
+                save(step, finished=False)
+    finally:
+        feed.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    totals = _all_reduce_sum(torch.tensor([feed.examples_consumed, feed.truncated], device=device), runtime)
+    if runtime.is_master:
+        _write_report(job, loop, runtime, examples=int(totals[0]), truncated=int(totals[1]))
+    return EXIT_OK
+
+
+def _train_step(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> tuple[float, int, int]:
+    """Forward and backward over one step's micro-batches: (mean loss, supervised tokens, input tokens), the
+    counts summed over ranks. Gradients are left in place for the optimizer (which averages them over ranks)."""
+    batches = [next(feed) for _ in range(grad_accum_steps)]
+    counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)],
+                          device=runtime.device)
+    supervised, tokens = (int(v) for v in _all_reduce_sum(counts, runtime))
+    denominator = max(supervised, 1) / runtime.world_size
+    loss_sum = torch.zeros((), device=runtime.device)
+    for x, y in batches:
+        with runtime.autocast():
+            loss = train_model(x, y, loss_reduction="sum")
+        (loss / denominator).backward()
+        loss_sum += loss.detach().float()
+    loss_sum = _all_reduce_sum(loss_sum, runtime)
+    return (loss_sum / max(supervised, 1)).item(), supervised, tokens
+
+
+def first_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int):
+    for _ in range(count):
+        yield next(batches)
+
+
+def _write_report(job: FinetuneJob, loop: dict[str, Any], runtime: Runtime, examples: int, truncated: int) -> None:
+    val = loop["val_history"]
+    seconds = loop["training_seconds"]
+    write_section(job.stage, {
+        "phase": job.report_phase,
+        "settings": dataclasses.asdict(job.config),
+        "source": f"{job.source.phase}_checkpoints/{job.source.tag} step {job.source.step}",
+        "device": str(runtime.device) if runtime.device_type != "cuda" else torch.cuda.get_device_name(),
+        "world_size": runtime.world_size,
+        "num_iterations": job.num_iterations,
+        "grad_accum_steps": job.grad_accum_steps,
+        "examples_seen": examples,
+        "truncated_conversations": truncated,
+        "tokens_seen": loop["tokens_seen"],
+        "supervised_tokens": loop["supervised_tokens"],
+        "seconds": seconds,
+        "final_val_bpb": val[-1][1] if val else None,
+        "final_train_loss": loop["loss_history"][-1][1] if loop["loss_history"] else None,
+        "val_history": val,
+        "loss_history": loop["loss_history"],
+        **job.report_extras,
+    }, root=base_dir())
+
+
+def source_model_config(source: Source) -> GPTConfig:
+    meta = ckpt.read_meta(source.directory, source.step)
+    if meta is None or "model_config" not in meta:
+        raise UsageError(f"the {source.phase} checkpoint {source.directory} step {source.step} has no model config; "
+                         "retrain it with this version")
+    return GPTConfig(**meta["model_config"])
+
+
+def check_sequence_length(config: FinetuneConfig, model_config: GPTConfig) -> int:
+    """The row length: --max-seq-len, else the model's; never beyond what the model was built for."""
+    length = config.max_seq_len or model_config.sequence_len
+    require(length <= model_config.sequence_len,
+            f"--max-seq-len {length} exceeds the model's sequence length {model_config.sequence_len}")
+    return length

@@ -1,0 +1,160 @@
+"""Conversation batching (assistant-only targets, padding, packing, exact resume) and the mid_train and
+chat_sft stages end to end on the tiny demo cache: checkpoints, stop-signal resume, reports, offline errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nanochat import checkpoint as ckpt
+from nanochat.chat_data import PackedChatLoader, PaddedChatLoader, padded_batch, render
+from nanochat.tasks import TaskMixture, make_task
+from nanochat.tokenizer import Tokenizer
+from tests.conftest import REPO, run_stage
+
+BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64", "--device-batch-size",
+        "4", "--total-batch-size", "512", "--num-iterations", "4", "--device-type", "cpu", "--eval-tokens", "512",
+        "--sample-every", "-1", "--tokenizer-threads", "1"]
+COMMON = ["--device-batch-size", "4", "--device-type", "cpu", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def chat_setup(tiny_cache_template):
+    tokenizer = Tokenizer.load(tiny_cache_template / "tokenizer")
+    tasks = [make_task(n, s, root=tiny_cache_template) for n, s in (("smoltalk", "train"), ("gsm8k", "train"),
+                                                                   ("mmlu", "auxiliary_train"))]
+    return tokenizer, TaskMixture(tasks, seed=0)
+
+
+def test_padded_targets_are_assistant_tokens_only(chat_setup):
+    tokenizer, mixture = chat_setup
+    rendered = [tokenizer.render_conversation(mixture[i], 10_000) for i in range(6)]
+    inputs, targets = padded_batch(rendered, tokenizer.bos_id)
+    assert inputs.shape == targets.shape == (6, max(len(ids) for ids, _ in rendered) - 1)
+    for row, (ids, mask) in enumerate(rendered):
+        n = len(ids) - 1
+        assert inputs[row, :n].tolist() == ids[:-1]
+        for t in range(n):
+            assert targets[row, t].item() == (ids[t + 1] if mask[t + 1] else -1)
+        assert (targets[row, n:] == -1).all()
+
+
+def test_padded_loader_truncates_only_what_does_not_fit(chat_setup):
+    tokenizer, mixture = chat_setup
+    lengths = [len(tokenizer.render_conversation(mixture[i], 10_000)[0]) for i in range(8)]
+    seq_len = sorted(lengths)[4]
+    loader = PaddedChatLoader(mixture, tokenizer, 8, seq_len)
+    inputs, targets = next(loader)
+    assert inputs.shape[1] <= seq_len
+    assert loader.truncated == sum(n > seq_len + 1 for n in lengths)
+    for row, n in enumerate(lengths):
+        if n <= seq_len + 1:
+            ids, _, cut = render(tokenizer, mixture[row], seq_len + 1)
+            assert not cut and inputs[row, :n - 1].tolist() == ids[:-1]
+
+
+def test_packed_rows_start_with_bos_and_resume_exactly(chat_setup):
+    tokenizer, mixture = chat_setup
+    loader = PackedChatLoader(mixture, tokenizer, 3, 96, buffer_size=8)
+    for _ in range(2):
+        inputs, targets = next(loader)
+    assert inputs.shape == targets.shape == (3, 96) and (inputs[:, 0] == tokenizer.bos_id).all()
+    assert ((targets == -1) | (targets >= 0)).all() and (targets >= 0).any()
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [next(loader) for _ in range(3)]
+    resumed = PackedChatLoader(mixture, tokenizer, 3, 96, buffer_size=8, state=state)
+    for (x, y), (rx, ry) in zip(expected, [next(resumed) for _ in range(3)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_ranks_take_disjoint_examples(chat_setup):
+    tokenizer, mixture = chat_setup
+    seen = []
+    for rank in range(2):
+        loader = PaddedChatLoader(mixture, tokenizer, 4, 512, rank=rank, world_size=2)
+        next(loader)
+        seen.append({loader.stream.rank + i * 2 for i in range(loader.stream.position)})
+    assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 8
+
+
+def _losses(cache, phase):
+    directory = cache / f"{phase}_checkpoints" / "d2"
+    meta = ckpt.read_meta(directory, ckpt.latest_complete_step(directory))
+    assert meta["finished"]
+    return meta["loop_state"]["loss_history"]
+
+
+def _stop_with_signal(cache, module, args, at_step):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", f"scripts.{module}", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if line.startswith(f"step {at_step:06d}/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+        assert time.monotonic() < deadline
+    out = proc.stdout.read()
+    assert proc.wait() == 75, out
+    assert "SIGUSR1 received" in out
+
+
+def test_mid_and_sft_end_to_end(tiny_cache):
+    run_stage("base_train", *BASE, cache=tiny_cache)
+    twin = tiny_cache / "twin"
+    shutil.copytree(tiny_cache, twin, ignore=shutil.ignore_patterns("twin"))
+
+    mid = [*COMMON, "--num-iterations", "12", "--eval-every", "6", "--total-batch-size", "512"]
+    run_stage("mid_train", *mid, cache=twin)
+    _stop_with_signal(tiny_cache, "mid_train", mid, at_step=3)
+    directory = tiny_cache / "mid_checkpoints" / "d2"
+    stopped = ckpt.latest_complete_step(directory)
+    assert 3 <= stopped < 12 and not ckpt.read_meta(directory, stopped)["finished"]
+    again = run_stage("mid_train", *mid, cache=tiny_cache)
+    assert f"resumed from {directory} at step {stopped}" in again.stdout
+    assert _losses(tiny_cache, "mid") == _losses(twin, "mid")
+    meta = ckpt.read_meta(directory, 12)
+    assert meta["model_config"]["n_layer"] == 2 and meta["source"]["phase"] == "base"
+    assert "nothing to do" in run_stage("mid_train", *mid, cache=tiny_cache).stdout
+    report = json.loads((tiny_cache / "report" / "mid_train.json").read_text())
+    assert report["phase"] == "MID" and len(report["loss_history"]) == 12
+    assert [v[0] for v in report["val_history"]] == [0, 6, 12] and report["seconds"] > 0
+    assert report["settings"]["num_iterations"] == 12
+
+    sft = [*COMMON, "--num-iterations", "12", "--eval-every", "6", "--pretrain-mix", "0.5",
+           "--examples-per-step", "4", "--tokenizer-threads", "1"]
+    _stop_with_signal(tiny_cache, "chat_sft", sft, at_step=2)
+    run_stage("chat_sft", *sft, cache=tiny_cache)
+    sft_dir = tiny_cache / "chatsft_checkpoints" / "d2"
+    meta = ckpt.read_meta(sft_dir, 12)
+    assert meta["finished"] and meta["source"]["phase"] == "mid" and meta["source"]["step"] == 12
+    assert meta["loader_states"][0]["pretrain"] is not None
+    report = json.loads((tiny_cache / "report" / "chat_sft.json").read_text())
+    assert report["phase"] == "SFT" and len(report["loss_history"]) == 12
+    assert report["text_rows_per_batch"] == 2 and report["examples_seen"] == 12 * 4
+    assert [v[0] for v in report["val_history"]] == [0, 6, 12]
+
+    # the same cache seen as a real-data cache, offline: one line naming the download step, nothing written
+    (tiny_cache / "DEMO").unlink()
+    before = sorted(p.name for p in sft_dir.iterdir())
+    proc = run_stage("chat_sft", *sft, "--force", cache=tiny_cache, check=False,
+                     extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "bash scripts/download_data.sh" in lines[0] and "allenai/ai2_arc/ARC-Easy" in lines[0]
+    assert sorted(p.name for p in sft_dir.iterdir()) == before
+
+
+def test_bad_flags_exit_2(tiny_cache):
+    proc = run_stage("chat_sft", "--pretrain-mix", "1.5", cache=tiny_cache, check=False)
+    assert proc.returncode == 2 and "--pretrain-mix" in proc.stderr
+    proc = run_stage("mid_train", *COMMON, cache=tiny_cache, check=False)
+    assert proc.returncode == 2 and "python -m scripts.base_train" in proc.stderr
