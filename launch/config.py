@@ -8,7 +8,6 @@ less the site's device batch is halved (gradient accumulation doubles, the total
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from launch import keys as K
 from launch.detect import GpuProbe, probe_gpus
 from launch.sites import read_env_file, read_local_file, site_file
 from nanochat.configargs import UsageError, require
+from nanochat.paths import expand_path
 
 SMALL_GPU_GB = 40
 SOURCE_DEFAULT = "default"
@@ -150,23 +150,6 @@ class LaunchConfig:
     values: dict[str, object] = field(repr=False)
     sources: dict[str, str] = field(repr=False)
     notes: tuple[str, ...] = ()
-
-
-def expand_path(text: str, environ: Mapping[str, str]) -> Path:
-    """Expand $VAR / ${VAR} from `environ` and a leading ~; an unset variable is a UsageError."""
-    def substitute(match: re.Match) -> str:
-        name = match.group(1) or match.group(2)
-        if name == "USER" and name not in environ:
-            return getpass.getuser()
-        if name not in environ:
-            raise UsageError(f"NANOCHAT_BASE_DIR={text!r} uses ${name}, which is not set")
-        return environ[name]
-
-    expanded = re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, text)
-    if expanded.startswith("~"):
-        home = environ.get("HOME") or str(Path.home())
-        expanded = home + expanded[1:]
-    return Path(expanded)
 
 
 def usable_cpu_count() -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_BASE_DIR = Path.home() / ".cache" / "nanochat"
@@ -40,3 +43,22 @@ def checkpoint_dir(phase: str, tag: str, root: Path | None = None) -> Path:
 def shard_paths(directory: Path) -> list[Path]:
     """Parquet shards in name order; by convention the last one is the validation shard."""
     return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith("."))
+
+
+def expand_path(text: str, environ: Mapping[str, str]) -> Path:
+    """Expand $VAR / ${VAR} from `environ` ($USER falls back to the login name) and a leading ~, the way a
+    shell would for a path written in a site file; an unset variable is a UsageError."""
+    from nanochat.configargs import UsageError
+
+    def substitute(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name == "USER" and not environ.get("USER"):
+            return getpass.getuser()
+        if name not in environ:
+            raise UsageError(f"the path {text!r} uses ${name}, which is not set")
+        return environ[name]
+
+    expanded = re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, text)
+    if expanded.startswith("~"):
+        expanded = (environ.get("HOME") or str(Path.home())) + expanded[1:]
+    return Path(expanded)
