@@ -23,6 +23,7 @@ from nanochat.paths import expand_path
 SMALL_GPU_GB = 40
 SOURCE_DEFAULT = "default"
 SOURCE_CLI = "cli"
+SOURCE_ENVIRONMENT = "$NANOCHAT_BASE_DIR (exported)"
 SOURCE_PROBE = "nvidia-smi"
 SOURCE_ADJUSTED = "adjusted for 40 GB GPUs"
 
@@ -179,6 +180,8 @@ def resolve_config(site: str, repo_root: Path, cli: Mapping[str, str] | None = N
     """Resolve `site` from its profile, .env.local and CLI key overrides (KEY -> raw text)."""
     environ = os.environ if environ is None else environ
     raw, sources = _layered_raw_values(site, repo_root, cli or {})
+    if environ.get("NANOCHAT_BASE_DIR") and sources["NANOCHAT_BASE_DIR"] != SOURCE_CLI:
+        raw["NANOCHAT_BASE_DIR"], sources["NANOCHAT_BASE_DIR"] = environ["NANOCHAT_BASE_DIR"], SOURCE_ENVIRONMENT
     values = {name: K.KEYS_BY_NAME[name].parse(text, sources[name]) if name in K.KEYS_BY_NAME else text
               for name, text in raw.items()}
     values["NANOCHAT_BASE_DIR"] = expand_path(raw["NANOCHAT_BASE_DIR"], environ)

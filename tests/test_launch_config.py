@@ -56,6 +56,16 @@ def test_cache_dir_expands_user_and_home(repo):
     assert resolve(repo, "cpu").site.cache_dir == Path("/home/ada/.cache/nanochat/demo")
 
 
+def test_exported_cache_dir_beats_files_but_not_cli(repo):
+    (repo / ".env.local").write_text("NANOCHAT_BASE_DIR=/data/local-choice\n")
+    environ = {**ENVIRON, "NANOCHAT_BASE_DIR": "/scratch/$USER/exported"}
+    config = resolve_config("cpu", repo, {}, environ, no_gpus, cpu_count=lambda: 4)
+    assert config.site.cache_dir == Path("/scratch/ada/exported")
+    assert config.sources["NANOCHAT_BASE_DIR"] == "$NANOCHAT_BASE_DIR (exported)"
+    config = resolve_config("cpu", repo, {"NANOCHAT_BASE_DIR": "/cli/choice"}, environ, no_gpus, cpu_count=lambda: 4)
+    assert config.site.cache_dir == Path("/cli/choice")
+
+
 def test_model_tag_defaults_to_depth(repo):
     assert resolve(repo, "cpu").run.model_tag == "d4"
     assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"
