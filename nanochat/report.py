@@ -41,7 +41,8 @@ STAGE_ORDER = ("demo_data", "tok_train", "tok_eval", "base_train", "base_eval", 
                "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl")
 PHASES = ("BASE", "MID", "SFT", "RL")
 METRICS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
-_SKIP = {"stage", "written_at", "settings", "phase", "metrics", "loss_history", "val_history", "seconds"}
+_SKIP = {"stage", "written_at", "settings", "phase", "metrics", "loss_history", "val_history", "reward_history",
+         "gsm8k_history", "seconds"}
 
 
 def _fmt(value: Any) -> str:

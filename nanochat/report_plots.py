@@ -17,6 +17,8 @@ def plot_curves(sections: dict[str, dict[str, Any]], out_dir: Path) -> list[Path
     for key, title, ylabel, filename in (
         ("loss_history", "Training loss", "loss (nats/token)", "train_loss.png"),
         ("val_history", "Validation bits per byte", "bits per byte", "val_bpb.png"),
+        ("reward_history", "RL mean reward", "mean reward", "rl_reward.png"),
+        ("gsm8k_history", "RL GSM8K pass@1", "pass@1", "rl_gsm8k.png"),
     ):
         curves = {name: s[key] for name, s in sections.items() if s.get(key)}
         if not curves:

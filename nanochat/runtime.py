@@ -101,7 +101,10 @@ def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "a
 
 
 def teardown_runtime(runtime: Runtime) -> None:
+    """Leave the process group once every rank got here (a rank that tears down while rank 0 still writes
+    its report aborts the job)."""
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

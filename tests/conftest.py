@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session-scoped SLURM test cluster)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
