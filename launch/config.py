@@ -111,6 +111,9 @@ class RunSettings:
     eval_tokens: int | None
     save_every: int | None
     eval_max_per_task: int | None
+    eval_split_tokens: int | None
+    finetune_eval_every: int | None
+    chat_max_new_tokens: int | None
     chat_eval_source: str
     demo_megabytes: float
     seed: int

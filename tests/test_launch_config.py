@@ -32,7 +32,7 @@ def resolve(repo: Path, site: str, cli=None, probe=no_gpus):
 
 
 def test_every_shipped_site_resolves(repo):
-    assert available_sites(repo) == ["a100-slurm", "cpu", "gb10", "h100x8"]
+    assert available_sites(repo) == ["a100-slurm", "cpu", "cpu-slurm", "gb10", "h100x8"]
     for site in available_sites(repo):
         config = resolve(repo, site)
         assert config.site.name == site
