@@ -5,3 +5,4 @@ export DEBIAN_FRONTEND=noninteractive
 if [ -f .ci/install_slurm.sh ]; then
     bash .ci/install_slurm.sh
 fi
+bash .ci/install_browser.sh
