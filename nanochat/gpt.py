@@ -9,7 +9,11 @@
   normed embedding (starts as the plain residual stream: lambdas 1 and 0)
 - logits softcapped with tanh and computed in float32
 
-All attention goes through `attention()`, the one place a faster kernel can be swapped in.
+All attention goes through `attention()`, the one place a faster kernel can be swapped in: on CUDA,
+`GPT.enable_flex_attention()` gives the sliding-window layers cached FlexAttention block masks
+(`nanochat.attention_kernels`), and `attention()` uses them for full-length self-attention; SDPA stays
+the reference and the path for everything else. The output head and loss go through
+`nanochat.kernels.linear_cross_entropy` (`GPT.loss_kernel`: "native" or Liger's fused "liger").
 Meta-device construction: build under `torch.device("meta")`, then `model.to_empty(device=...)` and
 `model.init_weights()` (which also fills the rotary tables, buffers that are not saved in the state dict);
 to load a checkpoint, call `init_weights()` first and `load_state_dict()` after.
@@ -23,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.attention_kernels import flex_sliding_window_attention, sliding_window_block_mask
+from nanochat.kernels import linear_cross_entropy, use_kernel
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
 
@@ -138,13 +144,17 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None, device) 
     return mask
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+              block_mask=None) -> torch.Tensor:
     """Causal (optionally sliding-window) attention; q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D).
 
     The queries are the last Tq of the Tk key positions (Tq == Tk in training, Tq < Tk with a KV cache).
-    Hq may be a multiple of Hkv (grouped-query attention).
+    Hq may be a multiple of Hkv (grouped-query attention). `block_mask`: a FlexAttention BlockMask for
+    this window (`nanochat.attention_kernels`); used when its lengths are exactly (Tq, Tk).
     """
     num_queries, num_keys = q.size(2), k.size(2)
+    if block_mask is not None and tuple(block_mask.seq_lengths) == (num_queries, num_keys):
+        return flex_sliding_window_attention(q, k, v, block_mask)
     gqa = q.size(1) != k.size(1)
     sees_all_keys = window is None or window >= num_keys - 1
     if sees_all_keys and num_queries == num_keys:
@@ -167,6 +177,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.block_mask = None  # FlexAttention mask for this layer's window, set by GPT.enable_flex_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None):
         batch, tokens, _ = x.shape
@@ -177,7 +188,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(norm(k), cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        y = attention(q, k, v, self.window)
+        y = attention(q, k, v, self.window, None if kv_cache is not None else self.block_mask)
         return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -212,6 +223,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i, windows[i]) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_kernel = "native"
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.rotary_len = config.sequence_len * ROTARY_HEADROOM
@@ -241,6 +253,27 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(0.0)
         cos, sin = rotary_tables(self.rotary_len, config.head_dim, device=device)
         self.cos, self.sin = cos, sin
+
+    def enable_flex_attention(self, enabled: bool = True) -> int:
+        """Give every sliding-window layer a FlexAttention block mask at the training length (or remove them).
+
+        Builds the masks eagerly on the model's device (call it before torch.compile); returns the number of
+        layers that now use FlexAttention. Full-window layers always keep SDPA's causal flash path.
+        """
+        device = self.lm_head.weight.device
+        count = 0
+        for block in self.transformer.h:
+            attn = block.attn
+            if enabled and attn.window is not None and attn.window < self.config.sequence_len - 1:
+                attn.block_mask = sliding_window_block_mask(self.config.sequence_len, attn.window, device)
+                count += 1
+            else:
+                attn.block_mask = None
+        return count
+
+    def set_loss_kernel(self, kernel: str) -> None:
+        """'native' (materialised float32 logits) or 'liger' (fused linear cross-entropy; UsageError if absent)."""
+        self.loss_kernel = use_kernel(kernel)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by kind: embedding, lm_head, matrices (inside blocks), scalars, total."""
@@ -299,13 +332,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = block(x, cos, sin, kv_cache)
-        logits = self.lm_head(norm(x)).float()
         cap = self.config.logit_softcap
-        logits = cap * torch.tanh(logits / cap)
         if targets is None:
-            return logits
+            logits = self.lm_head(norm(x)).float()
+            return cap * torch.tanh(logits / cap)
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        loss = linear_cross_entropy(norm(x), self.lm_head.weight, targets, cap, loss_reduction, self.loss_kernel)
         return loss.view(targets.shape) if loss_reduction == "none" else loss

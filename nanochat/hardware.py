@@ -31,6 +31,12 @@ _PEAKS: tuple[tuple[str, float, float | None], ...] = (
 )
 
 
+# Dense NVFP4 peaks, where the datasheet gives one; other devices fall back to their bf16 peak.
+_NVFP4_PEAKS: tuple[tuple[str, float], ...] = (
+    ("GB10", 500e12),
+)
+
+
 @dataclass(frozen=True)
 class PeakFlops:
     flops: float
@@ -39,12 +45,17 @@ class PeakFlops:
 
 def peak_flops(device_name: str, precision: str = "bf16") -> PeakFlops | None:
     """Peak FLOP/s for `device_name` at `precision` ('bf16', 'fp32' counts as bf16 tensor cores with tf32
-    off-limits, so it is reported against bf16; 'fp8'), or None when the device is unknown.
+    off-limits, so it is reported against bf16; 'fp8'; 'nvfp4'; a precision without a known peak for the device
+    falls back to its bf16 peak, and the source says so), or None when the device is unknown.
     $NANOCHAT_PEAK_FLOPS overrides the table (read at call time)."""
     override = os.environ.get("NANOCHAT_PEAK_FLOPS")
     if override:
         return PeakFlops(float(override), "NANOCHAT_PEAK_FLOPS")
     name = device_name.upper()
+    if precision == "nvfp4":
+        for key, nvfp4 in _NVFP4_PEAKS:
+            if key in name:
+                return PeakFlops(nvfp4, f"datasheet {key} nvfp4 dense")
     for key, bf16, fp8 in _PEAKS:
         if key in name:
             if precision == "fp8" and fp8 is not None:

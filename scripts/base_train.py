@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ from nanochat.configargs import (
 )
 from nanochat.dataloader import PackedTokenLoader, split_shards
 from nanochat.gpt import GPT
+from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import UnigramBaseline, evaluate_bpb
 from nanochat.paths import base_dir, checkpoint_dir, data_dir, tokenizer_dir
+from nanochat.precision import apply_precision, autocast_precision
 from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime, warn0
 from nanochat.scaling import derive
@@ -66,6 +69,8 @@ class BaseTrainConfig:
     eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per check"})
     sample_every: int = field(default=2000, metadata={"help": "steps between printed samples (-1: never)"})
     save_every: int = field(default=1000, metadata={"help": "steps between checkpoints; one is always written at the end"})
+    save_final: bool = field(default=True, metadata={
+        "help": "write the final checkpoint (--no-save-final: short sweep runs keep only the report)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "intermediate checkpoints kept (the newest ones)"})
     model_tag: str | None = field(default=None, metadata={"help": "checkpoint folder name (default d<depth>)"})
     run: str = field(default="dummy", metadata={"help": "wandb run name; 'dummy' keeps wandb off"})
@@ -73,7 +78,10 @@ class BaseTrainConfig:
     force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
     seed: int = 42
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32", "fp8", "nvfp4"] = field(default="auto", metadata={
+        "help": "fp8: block matmuls in float8 (Hopper/Blackwell); nvfp4: TransformerEngine NVFP4 (Blackwell)"})
+    kernel: Literal["native", "liger"] = field(default="native", metadata={
+        "help": "loss kernel: native, or liger (fused linear cross-entropy, pip install -e '.[gpu]')"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     tokenizer_threads: int = 4
 
@@ -116,8 +124,11 @@ def _batches(loader, count: int):
 def main(config: BaseTrainConfig) -> int:
     tokenizer, train_files = _check_inputs()
     val_files = split_shards(data_dir(), "val")
+    if config.device_type in ("auto", "cuda") and torch.cuda.is_available():
+        # before the first CUDA allocation: the allocator reads PYTORCH_ALLOC_CONF when it starts
+        apply_site_fixes(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))))
     try:
-        runtime = setup_runtime(config.device_type, seed=config.seed, precision=config.precision)
+        runtime = setup_runtime(config.device_type, seed=config.seed, precision=autocast_precision(config.precision))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     try:
@@ -161,6 +172,14 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         model = GPT(hp.model_config)
     model.to_empty(device=device)
     model.init_weights()
+    cuda = runtime.device_type == "cuda"
+    precision = apply_precision(model, config.precision, runtime.device_type,
+                                torch.cuda.get_device_name(device) if cuda else "",
+                                torch.cuda.get_device_capability(device) if cuda else (0, 0))
+    print0(runtime, precision.describe())
+    model.set_loss_kernel(config.kernel)
+    if cuda:
+        print0(runtime, f"flex attention on {model.enable_flex_attention()} sliding-window layers")
     optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
                                       matrix_lr=config.matrix_lr, scalar_lr=config.scalar_lr,
                                       weight_decay=config.weight_decay)
@@ -189,7 +208,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     loader = PackedTokenLoader(train_files, tokenizer, B, T, rank=runtime.rank, world_size=runtime.world_size,
                                device=device, tokenizer_threads=config.tokenizer_threads, state=loader_state)
     schedule = LRSchedule(hp.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
-    peak = peak_flops(torch.cuda.get_device_name(device), "bf16") if runtime.device_type == "cuda" else None
+    peak_precision = config.precision if config.precision in ("fp8", "nvfp4") else "bf16"
+    peak = peak_flops(torch.cuda.get_device_name(device), peak_precision) if runtime.device_type == "cuda" else None
     if runtime.device_type == "cuda" and peak is None:
         warn0(runtime, f"MFU is not reported: no peak FLOP/s known for {torch.cuda.get_device_name(device)!r} "
                        "(set NANOCHAT_PEAK_FLOPS to the card's dense bf16 FLOP/s)")
@@ -245,7 +265,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
             if config.sample_every > 0 and step % config.sample_every == 0 and step > 0 and runtime.is_master:
                 _print_samples(model, tokenizer, runtime)
             if last:
-                save(step, finished=True)
+                if config.save_final:
+                    save(step, finished=True)
                 break
             if stop.should_stop(device, runtime.distributed):
                 print0(runtime, f"step {step:06d} | {stop.signal_name or 'stop'} received: saving and exiting "
