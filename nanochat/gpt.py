@@ -328,6 +328,9 @@ class GPT(nn.Module):
             raise ValueError(f"position {start + tokens} exceeds the rotary table ({self.rotary_len} positions)")
         cos, sin = self.cos[start:start + tokens], self.sin[start:start + tokens]
         x = norm(self.transformer.wte(idx))
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # a bf16 residual stream: the norms and residual adds save half the activations and bytes
+            x = x.to(torch.get_autocast_dtype("cuda"))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
