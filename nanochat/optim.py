@@ -19,6 +19,8 @@ size. The result equals one process stepping on the whole batch, up to floating-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,23 @@ NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 
 ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
 MUON_DEFAULTS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "weight_decay": 0.0}
+
+
+@dataclass
+class OptimizerFlags:
+    """The learning rates and weight decay every training stage takes as flags (stage configs extend this);
+    `GPT.setup_optimizer(**flags.optimizer_kwargs(scale))` turns them into a MuonAdamW."""
+
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+
+    def optimizer_kwargs(self, lr_scale: float = 1.0) -> dict[str, float]:
+        return {"embedding_lr": self.embedding_lr * lr_scale, "unembedding_lr": self.unembedding_lr * lr_scale,
+                "matrix_lr": self.matrix_lr * lr_scale, "scalar_lr": self.scalar_lr * lr_scale,
+                "weight_decay": self.weight_decay}
 
 
 def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:

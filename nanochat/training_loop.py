@@ -29,6 +29,7 @@ from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageErr
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint
+from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import Runtime, print0
@@ -38,7 +39,7 @@ from nanochat.tokenizer import load_token_bytes
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimizerFlags):
     """Flags every post-training stage shares (each stage's config extends this one)."""
 
     model_tag: str | None = field(default=None, metadata={
@@ -48,11 +49,6 @@ class FinetuneConfig:
     max_seq_len: int | None = field(default=None, metadata={"help": "row length in tokens (default: the model's)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1: one pass over the mixture"})
     lr_scale: float = field(default=1.0, metadata={"help": "multiplies every learning rate below"})
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
@@ -207,10 +203,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     model = _build_model(job.model_config, model_state, device)
     del model_state
     model.train()
-    scale = config.lr_scale
-    optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr * scale,
-                                      embedding_lr=config.embedding_lr * scale, matrix_lr=config.matrix_lr * scale,
-                                      scalar_lr=config.scalar_lr * scale, weight_decay=config.weight_decay)
+    optimizer = model.setup_optimizer(**config.optimizer_kwargs(config.lr_scale))
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     loop: dict[str, Any] = {"step": 0, "training_seconds": 0.0, "tokens_seen": 0, "supervised_tokens": 0,

@@ -33,6 +33,7 @@ from nanochat.gpt import GPT
 from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import UnigramBaseline, evaluate_bpb
+from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, data_dir, tokenizer_dir
 from nanochat.precision import apply_precision, autocast_precision
 from nanochat.report import write_section
@@ -44,7 +45,7 @@ from nanochat.tokenizer import Tokenizer, load_token_bytes
 
 
 @dataclass
-class BaseTrainConfig:
+class BaseTrainConfig(OptimizerFlags):
     """Pretrain a GPT whose size follows from --depth on the parquet shards in the cache."""
 
     depth: int = field(default=20, metadata={"help": "number of transformer layers: the size dial"})
@@ -57,11 +58,6 @@ class BaseTrainConfig:
     num_iterations: int = field(default=-1, metadata={"help": "training steps; -1 derives them from the flags below"})
     target_flops: float = field(default=-1.0, metadata={"help": "training horizon as total FLOPs (-1: off)"})
     target_param_data_ratio: float = field(default=20.0, metadata={"help": "training tokens per parameter (Chinchilla: 20)"})
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
@@ -180,9 +176,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     model.set_loss_kernel(config.kernel)
     if cuda:
         print0(runtime, f"flex attention on {model.enable_flex_attention()} sliding-window layers")
-    optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                      matrix_lr=config.matrix_lr, scalar_lr=config.scalar_lr,
-                                      weight_decay=config.weight_decay)
+    optimizer = model.setup_optimizer(**config.optimizer_kwargs())
     token_bytes = load_token_bytes(tokenizer_dir()).to(device)
     train_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.int64, device=device)
     loop = {"step": 0, "training_seconds": 0.0, "tokens_seen": 0, "smooth_loss": 0.0,

@@ -33,6 +33,7 @@ from nanochat.chat_eval_runner import evaluate_task
 from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError, require, run_stage
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
+from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
@@ -47,7 +48,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass
-class ChatRLConfig:
+class ChatRLConfig(OptimizerFlags):
     """Policy-gradient fine-tuning of the SFT model on GSM8K-style train problems."""
 
     model_tag: str | None = field(default=None, metadata={
@@ -61,11 +62,6 @@ class ChatRLConfig:
     top_k: int | None = 50
     device_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass"})
     init_lr_frac: float = field(default=0.05, metadata={"help": "learning rates start at this share of the SFT ones"})
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
     eval_every: int = field(default=60, metadata={"help": "steps between GSM8K pass@1 checks (-1: only at the end)"})
     eval_examples: int = field(default=400, metadata={"help": "GSM8K test problems per check"})
     save_every: int = field(default=60, metadata={"help": "steps between checkpoints; one is always written at the end"})
@@ -193,9 +189,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     model.init_weights()
     model.load_state_dict(model_state)
     del model_state
-    optimizer = model.setup_optimizer(unembedding_lr=config.unembedding_lr, embedding_lr=config.embedding_lr,
-                                      matrix_lr=config.matrix_lr, scalar_lr=config.scalar_lr,
-                                      weight_decay=config.weight_decay)
+    optimizer = model.setup_optimizer(**config.optimizer_kwargs())
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"] * config.init_lr_frac
     loop: dict[str, Any] = {"step": 0, "training_seconds": 0.0, "reward_history": [], "gsm8k_history": [],
