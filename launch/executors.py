@@ -303,7 +303,6 @@ def slurm_parameters(config: LaunchConfig, repo_root: Path, job_name: str) -> di
         "cpus_per_task": slurm.cpus_per_task,
         "stderr_to_stdout": True,
         "slurm_signal_delay_s": slurm.signal_lead_seconds,
-        "slurm_max_num_timeout": slurm.max_requeues,
         "slurm_setup": [f"cd {shlex.quote(str(repo_root))}",
                         f"export PYTHONPATH={shlex.quote(str(repo_root))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     }
@@ -325,7 +324,8 @@ class SlurmExecutor(Executor):
     def launch(self, plan: LaunchPlan) -> int:
         site_logs = plan.logs_root / plan.config.site.name
         site_logs.mkdir(parents=True, exist_ok=True)
-        executor = submitit.AutoExecutor(folder=site_logs / "%j", cluster="slurm")
+        executor = submitit.AutoExecutor(folder=site_logs / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=plan.config.slurm.max_requeues)
         executor.update_parameters(**slurm_parameters(plan.config, plan.repo_root, f"nanochat-{plan.config.site.name}"))
         job = executor.submit(PipelineJob(plan))
         folder = site_logs / str(job.job_id)

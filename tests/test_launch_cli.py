@@ -114,7 +114,7 @@ def test_dry_run_uses_probed_gpu_count(repo, tmp_path, capsys):
 
 def test_unknown_site_lists_sites(repo, tmp_path, capsys):
     assert launch(repo, tmp_path, "--site", "nope", "--dry-run") == 2
-    assert "available sites: a100-slurm, cpu, gb10, h100x8" in capsys.readouterr().err
+    assert "available sites: a100-slurm, cpu, cpu-slurm, gb10, h100x8" in capsys.readouterr().err
 
 
 def test_bad_stage_lists_stages(repo, tmp_path, capsys):

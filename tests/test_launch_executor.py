@@ -149,7 +149,7 @@ def test_slurm_parameters_from_profile_and_env_local(slurm_config, tmp_path):
     assert params["slurm_partition"] == "a100" and params["slurm_account"] == "physics"
     assert params["slurm_additional_parameters"] == {"mail-user": "ada@example.edu", "mail-type": "END,FAIL"}
     assert (params["timeout_min"], params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (720, 2, 8, 1)
-    assert params["slurm_max_num_timeout"] == 20 and params["slurm_signal_delay_s"] == 300
+    assert params["slurm_signal_delay_s"] == 300
     assert params["cpus_per_task"] == 64 and params["slurm_mem"] == "0"
 
 

@@ -104,12 +104,24 @@ def test_failed_stage_fails_the_job(slurm_cluster, tmp_path):
     assert "stage=base_train event=end status=2" in launch_log and "stage=report" not in launch_log
 
 
+def test_launch_submits_through_submitit_and_completes(slurm_cluster, tmp_path):
+    checkout, cache = make_checkout(tmp_path)
+    proc = launch(checkout, slurm_cluster, "--stages", "demo_data,tok_train,tok_eval")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = job_id_from(proc.stdout)
+    state, exit_code = wait_for_final_state(slurm_cluster, job, timeout_s=300)
+    launch_log = (checkout / "logs" / "cpu-slurm" / job / "launch.log").read_text()
+    assert (state, exit_code) == ("COMPLETED", "0:0"), launch_log
+    assert "stage=tok_eval event=end status=0" in launch_log
+    assert (cache / "tokenizer" / "tokenizer.json").is_file()
+
+
 def test_preflight_refusal_submits_nothing(slurm_cluster, tmp_path):
     checkout, _ = make_checkout(tmp_path)
     before = slurm_cluster.run("sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID").stdout
     proc = launch(checkout, slurm_cluster, "--stages", "base_train")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "python -m scripts.tok_train" in proc.stdout + proc.stderr
+    assert "fix: python -m launch --site cpu-slurm --stages tok_train" in proc.stderr
     after = slurm_cluster.run("sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID").stdout
     assert before == after
 
