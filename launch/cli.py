@@ -24,6 +24,7 @@ from launch.stages import STAGE_NAMES, select_stages
 from nanochat.configargs import EXIT_USAGE, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("sweep", "sweep-report")  # launch.sweep: the recipe lab
 EPILOG = """\
 settings come from env/<site>.env, then .env.local (see env/example.env.local), then the command line;
 --print-config shows every value and its source. Flags after `--` go to base_train unchanged.
@@ -33,6 +34,8 @@ examples:
   python -m launch --site a100-slurm --check        is the cluster cache ready? (run on the login node)
   python -m launch --site a100-slurm --from mid_train --dry-run
   python -m launch --site h100x8 --depth 24 --device-batch-size 16 -- --some-base-train-flag 1
+  python -m launch sweep --site cpu --menu env/example-menu.toml   recipe lab (docs/recipe-lab.md)
+  python -m launch sweep-report trajectory.jsonl
 """
 
 
@@ -103,6 +106,12 @@ def main(argv: Sequence[str] | None = None, *, repo_root: Path = REPO_ROOT,
          which: Callable[[str], str | None] = shutil.which, free: FreeBytes = free_bytes,
          executors: Mapping[str, Callable[[], Executor]] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        from launch.sweep import cli as sweep_cli
+
+        if argv[0] == "sweep":
+            return sweep_cli.sweep_main(argv[1:], repo_root, environ, probe, which)
+        return sweep_cli.report_main(argv[1:], repo_root, environ)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     sites = available_sites(repo_root)

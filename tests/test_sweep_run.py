@@ -1,0 +1,133 @@
+"""The recipe lab for real on the tiny demo cache: a sweep SIGKILLed halfway and resumed records every
+candidate exactly once; phase 2 reruns the finalists; the report ranks them. The 20-candidate version is slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from launch.sweep.trajectory import read_events
+from tests.conftest import REPO
+
+TINY_MENU = """\
+[fixed]
+head_dim = 16
+total_batch_size = 512
+compile = false
+precision = "fp32"
+tokenizer_threads = 1
+
+[knobs]
+depth = [1, 2]
+aspect_ratio = [16, 32]
+max_seq_len = [64, 128]
+device_batch_size = [4, 8]
+matrix_lr = {{ min = 0.005, max = 0.05, log = true }}
+{extra}
+[constraints]
+head_fits = "head_dim <= depth * aspect_ratio"
+batch_divides = "total_batch_size % (device_batch_size * max_seq_len) == 0"
+"""
+
+
+def sweep_command(cache: Path, menu: Path, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "launch", "sweep", "--site", "cpu", "--set", f"NANOCHAT_BASE_DIR={cache}",
+            "--set", "OMP_NUM_THREADS=1", "--menu", str(menu), "--out", str(out), *args]
+
+
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def records(out: Path, phase: int = 1) -> list[dict]:
+    return [e for e in read_events(out) if e.get("event") in ("evaluated", "rejected", "failed")
+            and e.get("phase") == phase]
+
+
+def kill_after(command: list[str], out: Path, runs: int, timeout: float) -> None:
+    """Start the sweep, SIGKILL it once `runs` candidates were evaluated, then tear its last line as a
+    writer killed mid-write would."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while sum(e["event"] == "evaluated" for e in records(out)) < runs:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "the sweep made no progress"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with open(out, "ab") as fh:
+        fh.write(b'{"event":"evaluated","phase":1,"id":"torn')
+
+
+def check_killed_and_resumed(cache: Path, tmp_path: Path, candidates: int, steps: int, kill_at: int) -> Path:
+    menu, out = tmp_path / "menu.toml", tmp_path / "trajectory.jsonl"
+    menu.write_text(TINY_MENU.format(extra=""))
+    command = sweep_command(cache, menu, out, "--candidates", str(candidates), "--steps", str(steps),
+                            "--val-tokens", "512")
+    kill_after(command, out, kill_at, timeout=300)
+    assert len(records(out)) < candidates
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "cut a torn last line" in resumed.stderr
+    assert out.read_bytes().endswith(b"\n")
+    lines = out.read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines)
+    ids = Counter(e["id"] for e in records(out))
+    assert len(ids) == candidates and set(ids.values()) == {1}
+    assert [e["event"] for e in read_events(out)].count("finished") == 1
+    evaluated = [e for e in records(out) if e["event"] == "evaluated"]
+    assert evaluated and all(e["metrics"]["val_bpb"] > 0 and e["metrics"]["tokens_per_second"] > 0
+                             and e["metrics"]["peak_memory_mb"] > 0 for e in evaluated)
+    rejected = [e for e in records(out) if e["event"] == "rejected"]
+    assert all("constraint" in e["reason"] for e in rejected)
+    return out
+
+
+def test_killed_sweep_resumes_then_finalists_and_report(tiny_cache, tmp_path):
+    out = check_killed_and_resumed(tiny_cache, tmp_path, candidates=5, steps=3, kill_at=2)
+
+    again = run(sweep_command(tiny_cache, tmp_path / "menu.toml", out, "--candidates", "5", "--steps", "3",
+                              "--val-tokens", "512"))
+    assert again.returncode == 0 and "running 0" in again.stderr
+    changed = run(sweep_command(tiny_cache, tmp_path / "menu.toml", out, "--candidates", "5", "--steps", "4"))
+    assert changed.returncode == 2 and "different" in changed.stderr
+
+    phase2 = run([sys.executable, "-m", "launch", "sweep", "--finalists", "2", "--steps", "6", "--from", str(out)])
+    assert phase2.returncode == 0, phase2.stderr[-3000:]
+    finalists = [e for e in records(out, phase=2)]
+    assert len(finalists) == 2 and all(e["steps"] == 6 and "phase1_val_bpb" in e for e in finalists)
+
+    report = run([sys.executable, "-m", "launch", "sweep-report", str(out), "--price-per-gpu-hour", "3",
+                  "--target-tokens", "1e6"])
+    assert report.returncode == 0, report.stderr
+    assert "## Phase 2: 2 finalists" in report.stdout and "target run of 1,000,000 tokens" in report.stdout
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bad_menu_and_missing_corpus_refuse_before_running(tiny_cache, tmp_path):
+    menu = tmp_path / "menu.toml"
+    menu.write_text(TINY_MENU.format(extra='n_kv_head_ratio = [1, 2]\n'))
+    proc = run(sweep_command(tiny_cache, menu, tmp_path / "t.jsonl"))
+    assert proc.returncode == 2 and "n-kv-head-ratio" in proc.stderr
+    menu.write_text(TINY_MENU.format(extra="").replace('"head_dim <= depth * aspect_ratio"', '"len(depth) > 0"'))
+    proc = run(sweep_command(tiny_cache, menu, tmp_path / "t.jsonl"))
+    assert proc.returncode == 2 and "Call is not allowed" in proc.stderr
+    proc = run(sweep_command(tmp_path / "empty", menu, tmp_path / "t.jsonl"))
+    assert proc.returncode == 2 and "--stages demo_data,tok_train" in proc.stderr
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_twenty_candidate_sweep_killed_halfway_and_resumed(tiny_cache, tmp_path):
+    check_killed_and_resumed(tiny_cache, tmp_path, candidates=20, steps=15, kill_at=8)

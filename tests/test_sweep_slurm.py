@@ -1,0 +1,33 @@
+"""The recipe lab's SLURM executor on the real test cluster: one array task per candidate, at most
+--max-parallel at a time, each appending its own line to the shared trajectory under the file lock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from launch.sweep.trajectory import read_events
+from tests.test_slurm_pipeline import launch, make_checkout
+from tests.test_sweep_run import TINY_MENU
+
+pytestmark = pytest.mark.slurm
+
+
+def test_sweep_runs_as_a_job_array_and_each_task_records_its_candidate(slurm_cluster, tiny_cache, tmp_path):
+    checkout, cache = make_checkout(tmp_path)
+    assert cache == tiny_cache
+    menu, out = tmp_path / "menu.toml", tmp_path / "trajectory.jsonl"
+    menu.write_text(TINY_MENU.format(extra=""))
+    proc = launch(checkout, slurm_cluster, "sweep", "--site", "cpu-slurm", "--menu", str(menu), "--out", str(out),
+                  "--candidates", "4", "--steps", "3", "--val-tokens", "512", "--max-parallel", "2", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "submitted SLURM array" in proc.stderr
+    array_id = proc.stderr.split("submitted SLURM array ")[1].split(":")[0]
+    records = [e for e in read_events(out) if e.get("event") in ("evaluated", "rejected", "failed")]
+    assert set(Counter(e["id"] for e in records).values()) == {1} and len(records) == 4
+    evaluated = [e for e in records if e["event"] == "evaluated"]
+    assert evaluated and all(e["metrics"]["val_bpb"] > 0 for e in evaluated)
+    accounting = slurm_cluster.run("sacct", "-j", array_id, "--noheader", "--allocations", "--parsable2",
+                                   "--format=JobID,State").stdout.split()
+    assert len(accounting) == len(evaluated) and all(line.endswith("|COMPLETED") for line in accounting), accounting

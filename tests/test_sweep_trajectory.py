@@ -1,0 +1,101 @@
+"""trajectory.jsonl integrity (torn lines, exactly-once records, the sweep lock) and the report's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from launch.sweep.report import device_hours, estimate_cost, ranked_table, write_report
+from launch.sweep.trajectory import SweepLock, append_event, read_events, repair
+from launch.sweep.worker import loss_spike, stress_flags
+from nanochat.configargs import UsageError
+
+
+def evaluated(cid, bpb, wall=3600.0, tps=1000.0, steps=10, phase=1, diverged=False):
+    return {"event": "evaluated", "phase": phase, "id": cid, "knobs": {"depth": len(cid)}, "steps": steps,
+            "metrics": {"val_bpb": bpb, "wall_seconds": wall, "devices": 1, "tokens_per_second": tps,
+                        "diverged": diverged, "loss_history": [[1, 5.0], [2, 4.0]]}}
+
+
+def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
+    path = tmp_path / "t.jsonl"
+    append_event(path, {"event": "header", "phase": 1})
+    with open(path, "ab") as fh:
+        fh.write(b'{"event":"evaluated","phase":1,"id":"abc"')  # killed mid-write
+    assert [e["event"] for e in read_events(path)] == ["header"]
+    assert repair(path) > 0
+    append_event(path, evaluated("abc", 1.5))
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)
+
+
+def test_a_candidate_record_is_written_once(tmp_path):
+    path = tmp_path / "t.jsonl"
+    assert append_event(path, evaluated("abc", 1.5))
+    assert not append_event(path, evaluated("abc", 1.4))
+    assert append_event(path, evaluated("abc", 1.2, steps=20))  # another rung is another record
+    assert append_event(path, evaluated("abc", 1.1, phase=2))
+    assert len(read_events(path)) == 3
+
+
+def test_a_second_sweep_on_the_same_file_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from launch.sweep.trajectory import SweepLock
+        with SweepLock(__import__('pathlib').Path({str(path)!r})):
+            print('locked', flush=True)
+            time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match="another sweep"), SweepLock(path):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with SweepLock(path):  # free again once the holder is gone
+        pass
+
+
+def test_loss_spike_after_the_first_tenth_of_the_steps():
+    steady = [[s, 6.0 - 0.05 * s] for s in range(1, 101)]
+    assert loss_spike(steady, 100) is None
+    spiked = steady[:50] + [[51, 9.9]] + steady[51:]
+    assert "step 51" in loss_spike(spiked, 100)
+    early = [[1, 3.0], [2, 7.0]] + steady[2:]
+    assert loss_spike(early, 100) is None
+
+
+def test_phase2_flags_late_divergence_and_regression():
+    extra = {"phase1_val_bpb": 2.0, "phase1_steps": 60}
+    assert stress_flags({"val_bpb": 1.8}, extra) == []
+    assert "worse than phase 1" in stress_flags({"val_bpb": 2.1}, extra)[0]
+    assert "late divergence" in stress_flags({"val_bpb": None, "diverged": True, "divergence": "nan"}, extra)[0]
+    assert stress_flags({"val_bpb": 2.1}, {}) == []
+
+
+def test_cost_arithmetic_and_ranking(tmp_path):
+    events = [{"event": "header", "phase": 1, "site": "cpu", "strategy": "random", "steps": 10},
+              evaluated("bb", 2.0, wall=1800), evaluated("a", 1.5, wall=1800, tps=2000.0),
+              evaluated("ccc", None, wall=900, diverged=True),
+              {"event": "failed", "phase": 1, "id": "dd", "knobs": {}, "steps": 10, "exit_status": 1,
+               "wall_seconds": 900, "devices": 1, "log_tail": ["Traceback", "boom"]},
+              {"event": "rejected", "phase": 1, "id": "ee", "knobs": {}, "reason": "constraint x"}]
+    assert device_hours(events) == pytest.approx(1.5)
+    cost = estimate_cost(events, events[2], 2.0, 7.2e6)
+    assert cost.sweep_cost == pytest.approx(3.0)
+    assert cost.target_device_hours == pytest.approx(1.0)  # 7.2e6 tokens at 2000 tok/s
+    assert cost.target_cost == pytest.approx(2.0)
+    path = tmp_path / "t.jsonl"
+    text, written = write_report(events, path, 2.0, 7.2e6)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert [row.split(" | ")[1] for row in rows] == ["a", "bb", "ccc"]
+    assert "boom" in text and "constraint x" in text and "3.00" in text
+    assert {p.suffix for p in written} == {".md", ".png"} and all(p.stat().st_size > 0 for p in written)
+    assert "| 1 | a |" in ranked_table([events[2]])
