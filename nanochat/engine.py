@@ -8,6 +8,15 @@ those forced tokens have mask 0, sampled tokens mask 1. `generate_batch` collect
 its first `<|assistant_end|>` or `<|bos|>`. `TextStream` turns a token stream into printable text without
 splitting a UTF-8 character that spans tokens.
 
+`Engine(..., decode=...)` picks how the answer tokens are decoded after the prompt (the prompt itself always
+goes through the model's own forward): "dynamic" (the default) grows a `KVCache` through `model.forward`;
+"static" runs `nanochat.static_decode.StaticDecoder`'s fixed-shape step eagerly; "graph" replays that step
+as a CUDA graph, and "compiled-graph" compiles it with torch.compile before capturing; "auto" is "graph" for
+a GPT on CUDA and "dynamic" otherwise. A requested static path that cannot run (not a GPT, no CUDA, capture
+failed) says so once on stderr and decodes dynamically. One captured decoder, for the latest
+(num_samples, cache length bucket), is kept and reused; a generate call that overlaps another one on the
+same engine decodes dynamically. `last_decode_path` names the path the latest generate call took.
+
 The model is anything shaped like `nanochat.gpt.GPT`: a `config` with `n_layer`, `n_kv_head`, `head_dim`
 and `sequence_len`, optionally a `rotary_len` (the positions its rotary tables cover), and
 `forward(idx, kv_cache=...)` returning logits (batch, tokens, vocab).
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import sys
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +35,10 @@ import torch
 
 from nanochat import tool_eval
 from nanochat.kv_cache import KVCache
+from nanochat.static_decode import StaticDecoder, as_gpt, cache_length_bucket
 from nanochat.tokenizer import Tokenizer
+
+DECODE_PATHS = ("dynamic", "static", "graph", "compiled-graph", "auto")
 
 
 @dataclass
@@ -40,8 +53,15 @@ class _RowState:
 class Engine:
     """Sampling from a GPT with a KV cache, for one prompt and `num_samples` answers at a time."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, decode: str = "dynamic"):
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
         self.model = model
+        self.decode = decode
+        self.last_decode_path: str | None = None
+        self._decoder: StaticDecoder | None = None
+        self._decoder_busy = False
+        self._static_unavailable: str | None = None
         self.tokenizer = tokenizer
         config = model.config
         self.max_context = int(getattr(model, "rotary_len", config.sequence_len))
@@ -111,26 +131,115 @@ class Engine:
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         logits = self._forward(prompt, prompt_cache)
         # The last step's token is never fed back, so the cache needs room for steps - 1 answer tokens.
-        cache = self._new_cache(num_samples, len(prompt_ids) + steps - 1)
-        cache.prefill_from(prompt_cache)
-        del prompt_cache
-        logits = logits.expand(num_samples, -1)
-        rows = [_RowState() for _ in range(num_samples)]
+        cache_len = len(prompt_ids) + steps - 1
+        self.last_decode_path = "dynamic"
+        decoder = self._claim_decoder(num_samples, cache_len) if steps > 1 else None
+        try:
+            if decoder is not None:
+                decoder.load_prefix(prompt_cache)
+                cache = None
+            else:
+                cache = self._new_cache(num_samples, cache_len)
+                cache.prefill_from(prompt_cache)
+            del prompt_cache
+            logits = logits.expand(num_samples, -1)
+            rows = [_RowState() for _ in range(num_samples)]
+            if decoder is None:
+                yield from self._dynamic_steps(logits, cache, rows, steps, temperature, top_k, generator)
+            else:
+                yield from self._static_steps(logits, decoder, len(prompt_ids), rows, steps, temperature, top_k,
+                                              generator)
+        finally:
+            if decoder is not None:
+                self._decoder_busy = False
+
+    def _next_column(self, rows: list[_RowState], sampled: list[int]) -> tuple[list[int], list[int]]:
+        """Each row's token (its next forced one, else the sampled one) and mask; tool use is tracked."""
+        tokens, masks = [], []
+        for row, token in zip(rows, sampled):
+            if row.forced:
+                tokens.append(row.forced.popleft())
+                masks.append(0)
+            else:
+                tokens.append(token)
+                masks.append(1)
+            self._track_tool_use(row, tokens[-1])
+        return tokens, masks
+
+    def _dynamic_steps(self, logits, cache, rows, steps, temperature, top_k, generator):
         for step in range(steps):
             sampled = sample_next(logits, temperature, top_k, generator).tolist()
-            tokens, masks = [], []
-            for row, token in zip(rows, sampled):
-                if row.forced:
-                    tokens.append(row.forced.popleft())
-                    masks.append(0)
-                else:
-                    tokens.append(token)
-                    masks.append(1)
-                self._track_tool_use(row, tokens[-1])
+            tokens, masks = self._next_column(rows, sampled)
             yield tokens, masks
             if step + 1 < steps:
-                column = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
+                column = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
                 logits = self._forward(column, cache)
+
+    def _static_steps(self, logits, decoder, prompt_len, rows, steps, temperature, top_k, generator):
+        """Like _dynamic_steps, but the next step is launched before this column reaches the host.
+
+        The fed tokens are assembled on the device (sampled, or the row's next forced token, which is known
+        before sampling), so on CUDA the GPU computes step s + 1 while the caller handles column s.
+        """
+        cuda = logits.is_cuda
+        host = torch.empty(len(rows), dtype=torch.long, pin_memory=cuda)
+        for step in range(steps):
+            sampled = sample_next(logits, temperature, top_k, generator)
+            host.copy_(sampled, non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if copied is not None:
+                copied.record()
+            if step + 1 < steps:
+                forced = [row.forced[0] if row.forced else -1 for row in rows]
+                fed = sampled
+                if any(token >= 0 for token in forced):
+                    forced = torch.tensor(forced, dtype=torch.long, device=sampled.device)
+                    fed = torch.where(forced >= 0, forced, sampled)
+                logits = decoder.step(fed, prompt_len + step)
+            if copied is not None:
+                copied.synchronize()
+            yield self._next_column(rows, host.tolist())
+
+    def _requested_static_path(self) -> str | None:
+        """The static path this engine should use now ("static", "graph", "compiled-graph"), or None."""
+        if self.decode == "dynamic" or self._static_unavailable is not None:
+            return None
+        cuda = self.device.type == "cuda"
+        if self.decode == "auto":
+            return "graph" if cuda and as_gpt(self.model) is not None else None
+        if as_gpt(self.model) is None:
+            return self._fall_back(f"the model is a {type(self.model).__name__}, not a nanochat GPT")
+        if self.decode != "static" and not cuda:
+            return self._fall_back(f"CUDA graphs need a CUDA model, this one is on {self.device.type}")
+        return self.decode
+
+    def _fall_back(self, reason: str) -> None:
+        """Remember that the static path cannot run here and say so on stderr (once per engine)."""
+        self._static_unavailable = reason
+        print(f"nanochat.engine: decode={self.decode!r} is unavailable ({reason}); "
+              "decoding with the dynamic KV cache instead", file=sys.stderr, flush=True)
+        return None
+
+    def _claim_decoder(self, batch_size: int, cache_len: int) -> StaticDecoder | None:
+        """A static decoder for this call (built and captured if the kept one does not fit), or None."""
+        path = self._requested_static_path()
+        if path is None or self._decoder_busy:
+            return None
+        max_len = cache_length_bucket(cache_len)
+        kept = self._decoder
+        if kept is None or (kept.batch_size, kept.max_len) != (batch_size, max_len) or kept.is_stale():
+            self._decoder = kept = None  # free the old cache before allocating the new one
+            try:
+                kept = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self._cache_dtype(),
+                                     compile_step=path == "compiled-graph")
+                if path != "static":
+                    kept.capture()
+            except Exception as exc:  # any failure to build or capture means: decode dynamically
+                return self._fall_back(f"building the {path} decoder failed: {type(exc).__name__}: {exc}")
+            self._decoder = kept
+        self._decoder_busy = True
+        self.last_decode_path = path
+        return kept
 
     def _track_tool_use(self, row: _RowState, token: int) -> None:
         """Follow a row's python block; at its end queue the calculator's answer as forced tokens."""

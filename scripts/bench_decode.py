@@ -1,0 +1,221 @@
+"""Decode benchmark: `python -m scripts.bench_decode --depth 20 --batch-sizes 1,16 --mode eager,graph`.
+
+Builds a GPT of the given depth (`nanochat.scaling.derive`, as bench_train does) with random weights,
+casts its matrices to bf16 (`--dtype`), and times `nanochat.engine.Engine.generate` on a random prompt of
+`--prompt-tokens` tokens for `--new-tokens` greedy steps, once per batch size and mode:
+
+- eager: the Engine's dynamic KV-cache path (`decode="dynamic"`, what the Engine does by default);
+- static: the fixed-shape `StaticDecoder` step run eagerly (a check, not fast);
+- graph: that step replayed as a CUDA graph; compiled-graph: compiled with torch.compile, then captured.
+
+Every mode first runs one untimed generation (graph modes capture there; its time is `warmup_s`). Prints
+one JSON line per run: time to first token (prompt pass and first sample, ms), decode tokens/s per
+sequence and in total (the new tokens after the first over the time after the first), and whether the
+tokens equal the eager path's (`tokens_match`, `first_mismatch_step`). `decode_path` is the path the
+Engine took, so a requested graph path that fell back (it also says so on stderr) is visible.
+
+`--weights init` (the default) is the model's own initialisation, whose attention and MLP output
+projections start at zero (like upstream nanochat's benchmark): timing is the same, and the tokens depend
+only on the fed token, so they must match exactly. `--weights random` fills every matrix, which makes the
+paths' bf16 rounding in attention visible in the tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
+from nanochat.engine import Engine
+from nanochat.gpt import GPT
+from nanochat.runtime import resolve_device_type
+from nanochat.scaling import derive
+
+ENGINE_DECODE = {"eager": "dynamic", "static": "static", "graph": "graph", "compiled-graph": "compiled-graph"}
+SPECIAL_TOKENS = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
+                  "<|output_end|>")
+
+
+@dataclass
+class BenchDecodeConfig:
+    """Measure Engine decoding speed on random weights (see the module docstring)."""
+
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    vocab_size: int = 32768
+    window_pattern: str = field(default="L", metadata={"help": "per-layer windows, e.g. SSSL"})
+    batch_sizes: str = field(default="1,16", metadata={"help": "comma-separated samples per prompt"})
+    prompt_tokens: int = 512
+    new_tokens: int = 256
+    mode: str = field(default="eager,graph", metadata={"help": "comma-separated: " + ", ".join(ENGINE_DECODE)})
+    weights: Literal["init", "random"] = "init"
+    dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "dtype of the weight matrices"})
+    seed: int = 42
+    device_type: str = "auto"
+    out: str = field(default="", metadata={"help": "append the JSON lines to this file as well"})
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "prompt_tokens",
+                     "new_tokens"):
+            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
+                f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
+        try:
+            sizes = [int(size) for size in self.batch_sizes.split(",")]
+        except ValueError:
+            raise UsageError(f"--batch-sizes must be comma-separated integers, got {self.batch_sizes!r}") from None
+        require(all(size > 0 for size in sizes), f"--batch-sizes must be positive, got {self.batch_sizes!r}")
+        modes = self.mode.split(",")
+        unknown = [mode for mode in modes if mode not in ENGINE_DECODE]
+        require(not unknown, f"--mode {','.join(unknown)} is unknown; use a comma-separated list of "
+                             f"{', '.join(ENGINE_DECODE)}")
+        try:
+            self.device_type = resolve_device_type(self.device_type)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def batch_size_list(self) -> list[int]:
+        return [int(size) for size in self.batch_sizes.split(",")]
+
+    def mode_list(self) -> list[str]:
+        return self.mode.split(",")
+
+
+class NoToolTokenizer:
+    """What Engine needs from a tokenizer: special ids, placed past the vocabulary so no weights sample them."""
+
+    def __init__(self, vocab_size: int):
+        self._ids = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.bos_id = self._ids["<|bos|>"]
+
+    def special_id(self, name: str) -> int:
+        return self._ids[name]
+
+
+def build_model(config: BenchDecodeConfig) -> GPT:
+    hp = derive(config.depth, aspect_ratio=config.aspect_ratio, head_dim=config.head_dim,
+                max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, window_pattern=config.window_pattern,
+                device_batch_size=1, total_batch_size=config.max_seq_len)
+    with torch.device("meta"):
+        model = GPT(hp.model_config)
+    model.to_empty(device=config.device_type)
+    torch.manual_seed(config.seed)
+    model.init_weights()
+    with torch.no_grad():
+        if config.weights == "random":
+            for name, param in model.named_parameters():
+                if param.dim() == 2 and name != "transformer.wte.weight":
+                    param.normal_(0.0, param.size(1) ** -0.5)
+            model.x0_lambdas.uniform_(0.2, 0.5)
+        if config.dtype == "bf16":
+            for param in model.parameters():
+                if param.dim() == 2:  # the matrices; the per-layer scalars stay float32
+                    param.data = param.data.to(torch.bfloat16)
+    return model.eval()
+
+
+def synchronize(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generation(engine: Engine, prompt: list[int], batch_size: int, new_tokens: int,
+                     device_type: str) -> tuple[list[list[int]], float, float]:
+    """Token columns, seconds to the first column, seconds for all of them (greedy)."""
+    synchronize(device_type)
+    start = time.perf_counter()
+    first = None
+    columns = []
+    for tokens, _ in engine.generate(prompt, batch_size, max_tokens=new_tokens, temperature=0.0):
+        if first is None:
+            first = time.perf_counter() - start  # the column is on the host: the GPU work behind it is done
+        columns.append(tokens)
+    synchronize(device_type)
+    return columns, first, time.perf_counter() - start
+
+
+def first_mismatch(columns: list[list[int]], reference: list[list[int]]) -> int | None:
+    for step, (got, expected) in enumerate(zip(columns, reference)):
+        if got != expected:
+            return step
+    return None if len(columns) == len(reference) else min(len(columns), len(reference))
+
+
+def run_mode(model: GPT, tokenizer: NoToolTokenizer, prompt: list[int], batch_size: int, mode: str,
+             config: BenchDecodeConfig) -> tuple[dict, list[list[int]]]:
+    engine = Engine(model, tokenizer, decode=ENGINE_DECODE[mode])
+    warmup_start = time.perf_counter()
+    warmup_tokens = config.new_tokens if mode in ("graph", "compiled-graph") else min(config.new_tokens, 4)
+    # the same prompt length and token count put the warm-up in the same cache bucket, so the capture is reused
+    for _ in engine.generate(prompt, batch_size, max_tokens=warmup_tokens, temperature=0.0):
+        pass
+    synchronize(config.device_type)
+    warmup_s = time.perf_counter() - warmup_start
+    columns, ttft, total = timed_generation(engine, prompt, batch_size, config.new_tokens, config.device_type)
+    decode_steps = len(columns) - 1
+    per_sequence = decode_steps / (total - ttft) if decode_steps > 0 else 0.0
+    result = {
+        "mode": mode, "batch_size": batch_size, "decode_path": engine.last_decode_path,
+        "depth": config.depth, "weights": config.weights, "dtype": config.dtype,
+        "prompt_tokens": len(prompt), "new_tokens": len(columns),
+        "ttft_ms": round(ttft * 1000, 3),
+        "decode_tok_per_s_per_seq": round(per_sequence, 2),
+        "decode_tok_per_s_total": round(per_sequence * batch_size, 2),
+        "warmup_s": round(warmup_s, 3),
+    }
+    del engine
+    gc.collect()
+    if config.device_type == "cuda":
+        torch.cuda.empty_cache()
+    return result, columns
+
+
+def main(config: BenchDecodeConfig) -> int:
+    device_type = config.device_type
+    model = build_model(config)
+    device_name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+    print(f"depth {config.depth}: {model.num_params():,} parameters, {config.dtype} matrices, "
+          f"{config.weights} weights, on {device_name}", file=sys.stderr, flush=True)
+    tokenizer = NoToolTokenizer(config.vocab_size)
+    generator = torch.Generator().manual_seed(config.seed)
+    prompt = torch.randint(0, config.vocab_size, (config.prompt_tokens,), generator=generator).tolist()
+    results = []
+    for batch_size in config.batch_size_list():
+        modes = config.mode_list()
+        reference = None
+        if "eager" not in modes:  # the tokens are compared with the eager path's, so compute them untimed
+            _, reference = run_mode(model, tokenizer, prompt, batch_size, "eager", config)
+        for mode in sorted(modes, key=lambda m: m != "eager"):
+            result, columns = run_mode(model, tokenizer, prompt, batch_size, mode, config)
+            if mode == "eager":
+                reference = columns
+            mismatch = first_mismatch(columns, reference)
+            result.update(tokens_match=mismatch is None, first_mismatch_step=mismatch, device=device_name)
+            results.append(result)
+            line = json.dumps(result)
+            print(line, flush=True)
+            if config.out:
+                with open(config.out, "a") as handle:
+                    handle.write(line + "\n")
+    print("batch  mode            path            ttft ms  tok/s/seq  tok/s total  match", file=sys.stderr)
+    for r in results:
+        print(f"{r['batch_size']:>5}  {r['mode']:<14}  {r['decode_path']:<14}  {r['ttft_ms']:>7.1f}  "
+              f"{r['decode_tok_per_s_per_seq']:>9.1f}  {r['decode_tok_per_s_total']:>11.1f}  {r['tokens_match']}",
+              file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def cli(argv=None) -> int:
+    return run_stage(main, BenchDecodeConfig, argv, prog="python -m scripts.bench_decode")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

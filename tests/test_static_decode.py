@@ -1,0 +1,264 @@
+"""StaticDecoder: its fixed-shape step equals full recomputation and the KV-cache path; Engine's static paths
+decode the same tokens as the dynamic one (forced tokens included); CUDA graph replay (CUDA only); the
+decode benchmark's CPU path."""
+
+import json
+
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
+from nanochat.static_decode import StaticDecoder, cache_length_bucket
+from nanochat.tokenizer import train_tokenizer
+from scripts import bench_decode
+
+VOCAB = 300
+TEXT = "The quick brown fox {i} jumps over the lazy dog; 2+2=4. Café {i}!"
+TIGHT = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([TEXT.format(i=i) for i in range(100)], VOCAB)
+
+
+def random_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny float32 GPT with every matrix random (init_weights zeroes the output projections)."""
+    fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=4, n_embd=32)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**fields))
+    model.init_weights()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and name != "transformer.wte.weight":
+                param.normal_(0.0, param.size(1) ** -0.5)
+        model.x0_lambdas.uniform_(0.2, 0.5)
+        model.resid_lambdas.uniform_(0.8, 1.2)
+    return model.eval()
+
+
+def prefilled(model: GPT, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
+    config = model.config
+    cache = KVCache(1, config.n_kv_head, config.head_dim, len(prompt), config.n_layer)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), kv_cache=cache)[:, -1]
+    return cache, logits
+
+
+SHAPES = {
+    "L": dict(window_pattern="L"),
+    "SL-window-3": dict(window_pattern="SL", short_window=3),
+    "SSL-gqa": dict(window_pattern="SSL", short_window=5, n_head=4, n_kv_head=2),
+    "L-gqa-4-to-1": dict(n_head=4, n_kv_head=1),
+}
+
+
+@pytest.mark.parametrize("shape,batch", [("L", 1), ("SL-window-3", 3), ("SSL-gqa", 1), ("SSL-gqa", 3),
+                                         ("L-gqa-4-to-1", 2)])
+def test_static_step_equals_recomputation_and_kv_cache(shape, batch):
+    model = random_model(**SHAPES[shape])
+    config = model.config
+    prompt = [1, 5, 7, 9, 11, 2]
+    steps = 30  # with the 6-token prompt, runs past sequence_len (32) and far past the windows
+    generator = torch.Generator().manual_seed(1)
+    fed = torch.randint(0, VOCAB, (batch, steps), generator=generator)  # a different stream per row
+    prompt_cache, _ = prefilled(model, prompt)
+    decoder = StaticDecoder(model, batch, max_len=64)
+    assert decoder.load_prefix(prompt_cache) == len(prompt)
+    kv_cache = KVCache(batch, config.n_kv_head, config.head_dim, len(prompt) + steps, config.n_layer)
+    kv_cache.prefill_from(prompt_cache)
+    with torch.no_grad():
+        for t in range(steps):
+            static = decoder.step(fed[:, t], len(prompt) + t).clone()
+            cached = model(fed[:, t:t + 1], kv_cache=kv_cache)[:, -1]
+            torch.testing.assert_close(static, cached, **TIGHT)
+        full = model(torch.cat([torch.tensor([prompt] * batch), fed], dim=1))[:, -1]
+    torch.testing.assert_close(static, full, **TIGHT)
+
+
+@pytest.mark.parametrize("shape", ["SL-window-3", "SSL-gqa"])
+def test_static_greedy_tokens_equal_recomputation(shape):
+    model = random_model(seed=2, **SHAPES[shape])
+    prompt = [3, 8, 13, 21]
+    cache, logits = prefilled(model, prompt)
+    decoder = StaticDecoder(model, 2, max_len=cache_length_bucket(len(prompt) + 40))
+    decoder.load_prefix(cache)
+    ids = list(prompt)
+    token = logits.argmax(-1).repeat(2)
+    for _ in range(40):
+        ids.append(int(token[0]))
+        token = decoder.step(token, len(ids) - 1).argmax(-1)
+        assert int(token[0]) == int(token[1])
+    with torch.no_grad():
+        for t in range(len(prompt), len(ids)):
+            assert int(model(torch.tensor([ids[:t]]))[0, -1].argmax()) == ids[t]
+
+
+def test_positions_outside_the_cache_are_refused():
+    model = random_model()
+    decoder = StaticDecoder(model, 1, max_len=8)
+    with pytest.raises(ValueError, match="outside this decoder's cache of 8 positions"):
+        decoder.step([1], 8)
+    with pytest.raises(ValueError, match="outside"):
+        decoder.step([1], -1)
+    with pytest.raises(ValueError, match="one token per row"):
+        decoder.step([1, 2], 3)
+    long_cache = KVCache(1, 4, 8, 9, 3)
+    long_cache.pos = 9
+    with pytest.raises(ValueError, match="more than this decoder's 8"):
+        decoder.load_prefix(long_cache)
+    assert cache_length_bucket(1) == cache_length_bucket(256) == 256 and cache_length_bucket(257) == 512
+
+
+def test_replaced_parameters_make_the_decoder_stale():
+    model = random_model()
+    decoder = StaticDecoder(model, 1, max_len=8)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place: the decoder reads the new values
+    assert not decoder.is_stale()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert decoder.is_stale()
+
+
+class ForcingEngine(Engine):
+    """Forces a fixed token run into every row after its third token, as the calculator tool would."""
+
+    FORCED = [7, 8, 9]
+
+    def _track_tool_use(self, row, token):
+        row.seen = getattr(row, "seen", 0) + 1
+        if row.seen == 3:
+            row.forced.extend(self.FORCED)
+
+
+@pytest.mark.parametrize("temperature,top_k,num_samples", [(0.0, None, 1), (1.0, 20, 3)])
+def test_engine_static_path_equals_dynamic_path(tokenizer, temperature, top_k, num_samples):
+    model = random_model(seed=4, **SHAPES["SSL-gqa"])
+    prompt = tokenizer.encode("The lazy fox", prepend="<|bos|>")
+    runs = {}
+    for decode in ("dynamic", "static"):
+        engine = ForcingEngine(model, tokenizer, decode=decode)
+        runs[decode] = list(engine.generate(prompt, num_samples, max_tokens=40, temperature=temperature,
+                                            top_k=top_k, seed=5))
+        assert engine.last_decode_path == decode
+    assert runs["static"] == runs["dynamic"]
+    masks = [mask for _, mask in runs["static"]]
+    assert masks[3:6] == [[0] * num_samples] * 3 and masks[2] == [1] * num_samples
+    assert [tokens for tokens, _ in runs["static"][3:6]] == [[t] * num_samples for t in ForcingEngine.FORCED]
+
+
+def test_engine_reuses_its_decoder_and_decodes_overlapping_calls_dynamically(tokenizer):
+    engine = Engine(random_model(), tokenizer, decode="static")
+    prompt = tokenizer.encode("The quick", prepend="<|bos|>")
+    first = engine.generate(prompt, max_tokens=5, temperature=0.0)
+    next(first)
+    decoder = engine._decoder
+    overlapping = list(engine.generate(prompt, max_tokens=5, temperature=0.0))
+    assert engine.last_decode_path == "dynamic"
+    assert [next(first) for _ in range(4)] == overlapping[1:]
+    assert list(first) == []
+    list(engine.generate(prompt, max_tokens=9, temperature=0.0))
+    assert engine._decoder is decoder and engine.last_decode_path == "static"
+
+
+def test_requested_graph_path_falls_back_loudly_once_on_cpu(tokenizer, capsys):
+    model = random_model()
+    prompt = tokenizer.encode("The quick", prepend="<|bos|>")
+    dynamic = list(Engine(model, tokenizer).generate(prompt, max_tokens=6, temperature=0.0))
+    engine = Engine(model, tokenizer, decode="graph")
+    assert list(engine.generate(prompt, max_tokens=6, temperature=0.0)) == dynamic
+    assert list(engine.generate(prompt, max_tokens=6, temperature=0.0)) == dynamic
+    assert engine.last_decode_path == "dynamic"
+    err = capsys.readouterr().err
+    assert err.count("decode='graph' is unavailable") == 1 and "CUDA graphs need a CUDA model" in err
+    auto = Engine(model, tokenizer, decode="auto")
+    assert list(auto.generate(prompt, max_tokens=6, temperature=0.0)) == dynamic
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="decode must be one of"):
+        Engine(model, tokenizer, decode="fast")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_graph_replay_equals_the_eager_static_step():
+    model = random_model(**SHAPES["SSL-gqa"]).cuda()
+    prompt = [1, 5, 7, 9, 11, 2]
+    cache = KVCache(1, 2, 8, len(prompt), 3, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.tensor([prompt], device="cuda"), kv_cache=cache)
+    eager = StaticDecoder(model, 2, 64, dtype=torch.bfloat16)
+    graph = StaticDecoder(model, 2, 64, dtype=torch.bfloat16)
+    graph.capture()
+    assert graph.captured and not eager.captured
+    eager.load_prefix(cache)
+    graph.load_prefix(cache)
+    fed = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    for t in range(40):
+        expected = eager.step(fed[:, t], len(prompt) + t)
+        assert torch.equal(graph.step(fed[:, t], len(prompt) + t), expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["init", "random"])
+def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights):
+    """With init weights (zero output projections, as the benchmark uses) the tokens must be identical.
+
+    With every matrix random, the masked attention over the whole cache rounds differently in bf16 from
+    the dynamic path's, so the check is on teacher-forced logits: close, and the same argmax wherever the
+    dynamic path's top two logits are further apart than that rounding.
+    """
+    model = random_model(**SHAPES["SSL-gqa"]).cuda()
+    if weights == "init":
+        model.init_weights()
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.data = param.data.to(torch.bfloat16)
+    prompt = tokenizer.encode("The lazy fox", prepend="<|bos|>")
+    dynamic = Engine(model, tokenizer)
+    graph = Engine(model, tokenizer, decode="graph")
+    expected = list(dynamic.generate(prompt, 3, max_tokens=40, temperature=0.0))
+    got = list(graph.generate(prompt, 3, max_tokens=40, temperature=0.0))
+    assert graph.last_decode_path == "graph"
+    if weights == "init":
+        assert got == expected
+        return
+    row = [tokens[0] for tokens, _ in expected]
+    ids = prompt + row
+    cache = KVCache(1, 2, 8, len(prompt), 3, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.tensor([prompt], device="cuda"), kv_cache=cache)
+        decoder = StaticDecoder(model, 1, 64, dtype=torch.bfloat16)
+        decoder.capture()
+        decoder.load_prefix(cache)
+        for t in range(len(prompt), len(ids) - 1):
+            reference = model(torch.tensor([ids[:t + 1]], device="cuda"))[0, -1]
+            static = decoder.step([ids[t]], t)[0]
+            torch.testing.assert_close(static, reference, atol=0.1, rtol=0.0)
+            top2 = reference.topk(2).values
+            if top2[0] - top2[1] > 0.2:
+                assert int(static.argmax()) == int(reference.argmax())
+
+
+def test_bench_decode_cpu_path(capsys):
+    code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
+                             "--max-seq-len", "32", "--batch-sizes", "1,2", "--prompt-tokens", "6",
+                             "--new-tokens", "5", "--mode", "eager,static,graph", "--weights", "random",
+                             "--dtype", "fp32", "--device-type", "cpu"])
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert [(r["batch_size"], r["mode"]) for r in lines] == [(b, m) for b in (1, 2)
+                                                             for m in ("eager", "static", "graph")]
+    for result in lines:
+        assert result["tokens_match"] is True and result["first_mismatch_step"] is None
+        assert result["new_tokens"] == 5 and result["decode_tok_per_s_total"] > 0
+        assert result["ttft_ms"] > 0
+        expected_path = {"eager": "dynamic", "static": "static", "graph": "dynamic"}[result["mode"]]
+        assert result["decode_path"] == expected_path
+    assert "decode='graph' is unavailable" in captured.err
+    assert bench_decode.cli(["--mode", "eager,warp"]) == 2
