@@ -52,8 +52,9 @@ def find_checkpoint(phase: str, tag: str | None = None, step: int | None = None,
 
 
 def load_model(phase: str, device: torch.device | str, tag: str | None = None, step: int | None = None,
-               root: Path | None = None) -> LoadedModel:
-    """Rebuild the model of a checkpoint in eval mode on `device`, with the cache's tokenizer."""
+               root: Path | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Rebuild the model of a checkpoint in eval mode on `device`, with the cache's tokenizer; `dtype` casts
+    the weights (bf16 for serving on a GPU: half the bytes read per decoded token)."""
     tag, step, directory = find_checkpoint(phase, tag, step, root)
     model_state, _, meta = ckpt.load_checkpoint(directory, step, device, load_optimizer=False)
     config = GPTConfig(**meta["model_config"])
@@ -62,6 +63,8 @@ def load_model(phase: str, device: torch.device | str, tag: str | None = None, s
     model.to_empty(device=device)
     model.init_weights()
     model.load_state_dict(model_state)
+    if dtype is not None:
+        model.to(dtype)
     model.eval()
     tokenizer = Tokenizer.load(tokenizer_dir(root))
     if tokenizer.vocab_size != config.vocab_size:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from nanochat.configargs import EXIT_OK, require, run_stage
 from nanochat.engine import Engine, TextStream
 from nanochat.model_loading import load_model
@@ -68,8 +70,9 @@ def user_turn_ids(engine: Engine, text: str) -> list[int]:
 
 def main(config: ChatCliConfig) -> int:
     runtime = setup_runtime(config.device_type, seed=config.seed)
-    loaded = load_model(SOURCE_PHASES[config.source], runtime.device, tag=config.model_tag, step=config.step)
-    engine = Engine(loaded.model, loaded.tokenizer)
+    loaded = load_model(SOURCE_PHASES[config.source], runtime.device, tag=config.model_tag, step=config.step,
+                        dtype=torch.bfloat16 if runtime.device_type == "cuda" else None)
+    engine = Engine(loaded.model, loaded.tokenizer, decode="auto")
     bos, assistant_end = loaded.tokenizer.bos_id, loaded.tokenizer.special_id("<|assistant_end|>")
     if config.prompt is not None:
         prompt_ids = [bos, *user_turn_ids(engine, config.prompt)]

@@ -326,8 +326,9 @@ def main(config: ChatWebConfig) -> int:
     runtime = setup_runtime(config.device_type, seed=config.seed)
     engines = []
     for device in replica_devices(runtime.device, config.num_replicas):
-        loaded = load_model(SOURCE_PHASES[config.source], device, tag=config.model_tag, step=config.step)
-        engines.append(Engine(loaded.model, loaded.tokenizer))
+        loaded = load_model(SOURCE_PHASES[config.source], device, tag=config.model_tag, step=config.step,
+                            dtype=torch.bfloat16 if device.type == "cuda" else None)
+        engines.append(Engine(loaded.model, loaded.tokenizer, decode="auto"))
         print0(runtime, f"replica {len(engines) - 1}: {config.source} model {loaded.tag} step {loaded.step} "
                         f"on {device}")
     defaults = SamplingDefaults(config.temperature, config.top_k, config.max_tokens)
