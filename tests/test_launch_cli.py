@@ -89,9 +89,9 @@ def test_dry_run_cpu_plain_python(repo, tmp_path, capsys):
     out = capsys.readouterr().out
     python = sys.executable
     assert f"{python} -m scripts.demo_data --pretrain-megabytes 3 --seed 0" in out
-    assert (f"{python} -m scripts.base_train --depth 4 --aspect-ratio 64 --head-dim 64 --max-seq-len 512 "
-            "--device-batch-size 8 --total-batch-size 8192 --num-iterations 100") in out
-    assert "--no-compile --device-type cpu --model-tag d4" in out
+    assert (f"{python} -m scripts.base_train --depth 2 --aspect-ratio 64 --head-dim 64 --max-seq-len 256 "
+            "--device-batch-size 16 --total-batch-size 4096 --num-iterations 1600") in out
+    assert "--no-compile --device-type cpu --model-tag d2" in out
     assert "torchrun" not in out
     assert f"NANOCHAT_BASE_DIR={tmp_path / 'cache'}" in out and "executor: local" in out
 

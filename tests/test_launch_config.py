@@ -67,7 +67,7 @@ def test_exported_cache_dir_beats_files_but_not_cli(repo):
 
 
 def test_model_tag_defaults_to_depth(repo):
-    assert resolve(repo, "cpu").run.model_tag == "d4"
+    assert resolve(repo, "cpu").run.model_tag == "d2"
     assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"
 
 
