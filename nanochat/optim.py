@@ -9,11 +9,12 @@ iteration, scaled by max(1, rows/cols) ** 0.5, and applied after decoupled weigh
 AdamW: the standard update with bias correction and decoupled weight decay.
 
 Distributed: when torch.distributed is initialised with more than one rank, `step()` averages the gradients
-itself (so the model is never wrapped in DDP): every gradient is all-reduced (SUM, then divided by the world
-size, which works on gloo and NCCL alike). AdamW state is replicated. Muon work is sharded: a Muon group's
+itself (so the model is never wrapped in DDP): gradients are summed across ranks, then divided by the world
+size. AdamW gradients are all-reduced and AdamW state is replicated. Muon work is sharded: a Muon group's
 matrices (all of one shape) are split into contiguous chunks, rank r orthogonalises and updates only its
-chunk and keeps only that chunk's momentum, then the updated matrices are all-gathered so every rank holds
-identical weights. Optimizer state is therefore per rank: save it per rank and resume with the same world
+chunk and keeps only that chunk's momentum, so on NCCL the group's gradients are reduce-scattered (each rank
+receives only its chunk: half the traffic of an all-reduce; gloo, which lacks it, all-reduces), then the
+updated matrices are all-gathered so every rank holds identical weights. Optimizer state is therefore per rank: save it per rank and resume with the same world
 size. The result equals one process stepping on the whole batch, up to floating-point summation order.
 """
 
@@ -66,6 +67,11 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
+
+
+def _nccl() -> bool:
+    """NCCL has reduce-scatter and a single-buffer all-gather; gloo gets the all-reduce fallback."""
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -135,6 +141,9 @@ class MuonAdamW(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 if p.grad is not None:
                     stacked[i].copy_(p.grad)
+            if world > 1 and _nccl():
+                mine = torch.empty((padded // world, *params[0].shape), dtype=stacked.dtype, device=stacked.device)
+                return [mine], [dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.SUM, async_op=True)]
             grads = [stacked]
         handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads] if world > 1 else []
         return grads, handles
@@ -166,11 +175,13 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(params, exp_avgs, denoms, -lr / bias_correction1)
 
-    def _muon_step(self, group: dict, stacked_grads: torch.Tensor, rank: int, world: int) -> None:
+    def _muon_step(self, group: dict, grads: torch.Tensor, rank: int, world: int) -> None:
         """Update this rank's chunk of the group's matrices with one batched Newton-Schulz call, then
-        (distributed) share the new weights."""
+        (distributed) share the new weights. `grads` is this rank's chunk (reduce-scattered on NCCL) or the
+        whole stacked group (one process, or gloo, which has no reduce-scatter)."""
         params = group["params"]
-        chunk = stacked_grads.size(0) // world
+        chunk = -(-len(params) // world)
+        mine = grads if grads.size(0) == chunk else grads[rank * chunk:(rank + 1) * chunk]
         owned = range(rank * chunk, min((rank + 1) * chunk, len(params)))
         rows, cols = params[0].shape
         scale = max(1.0, rows / cols) ** 0.5
@@ -181,19 +192,20 @@ class MuonAdamW(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             buffers = [self.state[p]["momentum_buffer"] for p in owned_params]
-            grads = stacked_grads[owned.start:owned.stop]
-            torch._foreach_lerp_(buffers, list(grads.unbind(0)), 1 - momentum)
+            owned_grads = mine[:len(owned)]
+            torch._foreach_lerp_(buffers, list(owned_grads.unbind(0)), 1 - momentum)
             stacked_buffers = torch.stack(buffers)
-            directions = grads.lerp(stacked_buffers, momentum) if group["nesterov"] else stacked_buffers
+            directions = owned_grads.lerp(stacked_buffers, momentum) if group["nesterov"] else stacked_buffers
             updates = newton_schulz(directions, group["ns_steps"])
             torch._foreach_mul_(owned_params, 1 - lr * weight_decay)
             torch._foreach_add_(owned_params, list(updates.unbind(0)), alpha=-lr * scale)
         if world > 1:
-            mine = stacked_grads[rank * chunk:(rank + 1) * chunk]
             for slot, index in enumerate(owned):
                 mine[slot].copy_(params[index])
-            gathered = [torch.empty_like(mine) for _ in range(world)]
-            dist.all_gather(gathered, mine)
-            everything = torch.cat(gathered)
+            everything = torch.empty((chunk * world, rows, cols), dtype=mine.dtype, device=mine.device)
+            if _nccl():
+                dist.all_gather_into_tensor(everything, mine.contiguous())
+            else:
+                dist.all_gather(list(everything.chunk(world)), mine.contiguous())
             for index, p in enumerate(params):
                 p.copy_(everything[index])
