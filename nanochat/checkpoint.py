@@ -61,9 +61,10 @@ def meta_path(directory: Path, step: int) -> Path:
 
 def save_checkpoint(directory: Path, step: int, model_state: dict, optim_state: dict | None, meta: dict,
                     rank: int = 0, world_size: int = 1,
-                    barrier: Callable[[], None] = lambda: None) -> None:
+                    barrier: Callable[[], None] = lambda: None, keep: int = 0) -> None:
     """Write one checkpoint. Every rank calls this; rank 0 writes the model and, after all ranks have
-    written their optimizer shards (`barrier`), the meta file that makes the checkpoint visible."""
+    written their optimizer shards (`barrier`), the meta file that makes the checkpoint visible. With
+    `keep` > 0, rank 0 then deletes all but the newest `keep` complete checkpoints."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if optim_state is not None:
@@ -80,6 +81,8 @@ def save_checkpoint(directory: Path, step: int, model_state: dict, optim_state: 
         _atomic_json_save({**meta, "step": step, "world_size": world_size, "files": files},
                           meta_path(directory, step))
         _fsync_dir(directory)
+        if keep > 0:
+            prune_checkpoints(directory, keep)
     barrier()
 
 

@@ -14,6 +14,9 @@ import threading
 import torch
 import torch.distributed as dist
 
+from nanochat.configargs import EXIT_RESUMABLE
+from nanochat.runtime import Runtime, print0
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -42,3 +45,11 @@ class StopRequest:
         flag = torch.tensor([1 if self.requested else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def check(self, step: int, runtime: Runtime) -> bool:
+        """`should_stop` at a step boundary, announced once (rank 0) with what happens next."""
+        if not self.should_stop(runtime.device, runtime.distributed):
+            return False
+        print0(runtime, f"step {step:06d} | {self.signal_name or 'stop'} received: saving and exiting "
+                        f"{EXIT_RESUMABLE} (run the same command again to resume)")
+        return True

@@ -246,9 +246,8 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
                     "loader_states": _gather(feed.state_dict(), runtime), "loop_state": {**loop, "step": step},
                     "finished": finished}
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), optim_out, meta_out, rank=runtime.rank,
-                             world_size=runtime.world_size, barrier=runtime.barrier)
-        if runtime.is_master and not finished:
-            ckpt.prune_checkpoints(out_dir, config.keep_checkpoints)
+                             world_size=runtime.world_size, barrier=runtime.barrier,
+                             keep=0 if finished else config.keep_checkpoints)
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
     step = loop["step"]
@@ -263,9 +262,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
             if last:
                 save(step, finished=True)
                 break
-            if stop.should_stop(device, runtime.distributed):
-                print0(runtime, f"step {step:06d} | {stop.signal_name or 'stop'} received: saving and exiting "
-                                f"{EXIT_RESUMABLE} (run the same command again to resume)")
+            if stop.check(step, runtime):
                 save(step, finished=False)
                 return EXIT_RESUMABLE
             runtime.synchronize()

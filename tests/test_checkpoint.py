@@ -75,3 +75,11 @@ def test_latest_tag(tmp_path):
     _save(tmp_path / "d4", 1)
     (tmp_path / "broken").mkdir()
     assert ckpt.latest_tag(tmp_path) == "d4"
+
+
+def test_save_with_keep_prunes_older_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {"m": torch.ones(1)}, {}, keep=2)
+    assert ckpt.complete_steps(tmp_path) == [2, 3]
+    ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {"m": torch.ones(1)}, {})
+    assert ckpt.complete_steps(tmp_path) == [2, 3, 4]
