@@ -9,13 +9,16 @@ iteration, scaled by max(1, rows/cols) ** 0.5, and applied after decoupled weigh
 AdamW: the standard update with bias correction and decoupled weight decay.
 
 Distributed: when torch.distributed is initialised with more than one rank, `step()` averages the gradients
-itself (so the model is never wrapped in DDP): gradients are summed across ranks, then divided by the world
-size. AdamW gradients are all-reduced and AdamW state is replicated. Muon work is sharded: a Muon group's
-matrices (all of one shape) are split into contiguous chunks, rank r orthogonalises and updates only its
-chunk and keeps only that chunk's momentum, so on NCCL the group's gradients are reduce-scattered (each rank
-receives only its chunk: half the traffic of an all-reduce; gloo, which lacks it, all-reduces), then the
-updated matrices are all-gathered so every rank holds identical weights. Optimizer state is therefore per rank: save it per rank and resume with the same world
-size. The result equals one process stepping on the whole batch, up to floating-point summation order.
+itself (so the model is never wrapped in DDP). AdamW gradients are all-reduced and AdamW state is
+replicated. Muon work is sharded: a Muon group's matrices (all of one shape) are split into contiguous
+chunks, rank r orthogonalises and updates only its chunk and keeps only that chunk's momentum, so on NCCL
+the group's gradients are reduce-scattered (each rank receives only its chunk: half the traffic of an
+all-reduce; gloo, which lacks it, all-reduces), then the updated matrices are all-gathered so every rank
+holds identical weights. Every reduction starts asynchronously at the top of `step()`, each group waits
+only for its own, and each group's all-gather runs while the next groups compute; on NCCL the reductions
+average (ReduceOp.AVG), on gloo they sum and divide. Optimizer state is therefore per rank: save it per
+rank and resume with the same world size. The result equals one process stepping on the whole batch, up to
+floating-point summation order.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = x.dim() == 3
+    x = x if batched else x.unsqueeze(0)
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        # a*x + (b*gram + c*gram@gram) @ x as two fused multiply-adds (no separate scale and add kernels)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x if batched else x.squeeze(0)
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
@@ -114,16 +121,23 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         rank, world = _rank_and_world()
         pending = [self._reduce_gradients(group, world) for group in self.param_groups]
+        gathers = []
         for group, (grads, handles) in zip(self.param_groups, pending):
             for handle in handles:
                 handle.wait()
-            if world > 1:
+            if world > 1 and not _nccl():  # NCCL averaged already (ReduceOp.AVG); gloo only sums
                 for grad in grads:
                     grad.div_(world)
             if group["kind"] == "adamw":
                 self._adamw_step(group, grads)
             else:
-                self._muon_step(group, grads[0], rank, world)
+                gathers.append(self._muon_step(group, grads[0], rank, world))
+        # The weight all-gathers ran while later groups computed; copy the gathered weights in at the end.
+        for gathered in filter(None, gathers):
+            params, everything, handle = gathered
+            if handle is not None:
+                handle.wait()
+            torch._foreach_copy_(params, list(everything[:len(params)].unbind(0)))
         return loss
 
     def _reduce_gradients(self, group: dict, world: int) -> tuple[list[torch.Tensor], list]:
@@ -137,15 +151,21 @@ class MuonAdamW(torch.optim.Optimizer):
         else:
             params = group["params"]
             padded = -(-len(params) // world) * world
-            stacked = torch.zeros((padded, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
-            for i, p in enumerate(params):
-                if p.grad is not None:
-                    stacked[i].copy_(p.grad)
+            stacked = torch.empty((padded, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            if all(p.grad is not None for p in params):
+                torch.stack([p.grad for p in params], out=stacked[:len(params)])
+                stacked[len(params):].zero_()
+            else:
+                stacked.zero_()
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        stacked[i].copy_(p.grad)
             if world > 1 and _nccl():
                 mine = torch.empty((padded // world, *params[0].shape), dtype=stacked.dtype, device=stacked.device)
-                return [mine], [dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.SUM, async_op=True)]
+                return [mine], [dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.AVG, async_op=True)]
             grads = [stacked]
-        handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads] if world > 1 else []
+        op = dist.ReduceOp.AVG if _nccl() else dist.ReduceOp.SUM
+        handles = [dist.all_reduce(g, op=op, async_op=True) for g in grads] if world > 1 else []
         return grads, handles
 
     def _adamw_step(self, group: dict, grads: list[torch.Tensor]) -> None:
@@ -175,10 +195,13 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(params, exp_avgs, denoms, -lr / bias_correction1)
 
-    def _muon_step(self, group: dict, grads: torch.Tensor, rank: int, world: int) -> None:
+    def _muon_step(self, group: dict, grads: torch.Tensor, rank: int, world: int):
         """Update this rank's chunk of the group's matrices with one batched Newton-Schulz call, then
-        (distributed) share the new weights. `grads` is this rank's chunk (reduce-scattered on NCCL) or the
-        whole stacked group (one process, or gloo, which has no reduce-scatter)."""
+        (distributed) start sharing the new weights. `grads` is this rank's chunk (reduce-scattered on NCCL)
+        or the whole stacked group (one process, or gloo, which has no reduce-scatter).
+
+        Returns None on one process, else (params, gathered weights, async handle or None): the caller
+        waits and copies the gathered weights into the parameters."""
         params = group["params"]
         chunk = -(-len(params) // world)
         mine = grads if grads.size(0) == chunk else grads[rank * chunk:(rank + 1) * chunk]
@@ -197,15 +220,15 @@ class MuonAdamW(torch.optim.Optimizer):
             stacked_buffers = torch.stack(buffers)
             directions = owned_grads.lerp(stacked_buffers, momentum) if group["nesterov"] else stacked_buffers
             updates = newton_schulz(directions, group["ns_steps"])
-            torch._foreach_mul_(owned_params, 1 - lr * weight_decay)
+            if weight_decay:
+                torch._foreach_mul_(owned_params, 1 - lr * weight_decay)
             torch._foreach_add_(owned_params, list(updates.unbind(0)), alpha=-lr * scale)
-        if world > 1:
-            for slot, index in enumerate(owned):
-                mine[slot].copy_(params[index])
-            everything = torch.empty((chunk * world, rows, cols), dtype=mine.dtype, device=mine.device)
-            if _nccl():
-                dist.all_gather_into_tensor(everything, mine.contiguous())
-            else:
-                dist.all_gather(list(everything.chunk(world)), mine.contiguous())
-            for index, p in enumerate(params):
-                p.copy_(everything[index])
+        if world == 1:
+            return None
+        for slot, index in enumerate(owned):
+            mine[slot].copy_(params[index])
+        everything = torch.empty((chunk * world, rows, cols), dtype=mine.dtype, device=mine.device)
+        if _nccl():
+            return params, everything, dist.all_gather_into_tensor(everything, mine.contiguous(), async_op=True)
+        dist.all_gather(list(everything.chunk(world)), mine.contiguous())
+        return params, everything, None

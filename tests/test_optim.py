@@ -46,6 +46,19 @@ def train_steps(model: GPT, optimizer: MuonAdamW, steps, rows: slice = slice(Non
     return losses
 
 
+@pytest.mark.parametrize("shape", [(3, 32, 64), (2, 64, 32), (48, 48)])
+def test_newton_schulz_equals_the_quintic_iteration_written_out(shape):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    x = grad.mT if shape[-2] > shape[-1] else grad
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(5):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    expected = x.mT if shape[-2] > shape[-1] else x
+    torch.testing.assert_close(newton_schulz(grad, steps=5), expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
 def test_newton_schulz_is_near_orthogonal(shape):
     torch.manual_seed(0)
