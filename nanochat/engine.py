@@ -11,9 +11,11 @@ splitting a UTF-8 character that spans tokens.
 `Engine(..., decode=...)` picks how the answer tokens are decoded after the prompt (the prompt itself always
 goes through the model's own forward): "dynamic" (the default) grows a `KVCache` through `model.forward`;
 "static" runs `nanochat.static_decode.StaticDecoder`'s fixed-shape step eagerly; "graph" replays that step
-as a CUDA graph, and "compiled-graph" compiles it with torch.compile before capturing; "auto" is "graph" for
-a GPT on CUDA and "dynamic" otherwise. A requested static path that cannot run (not a GPT, no CUDA, capture
-failed) says so once on stderr and decodes dynamically. One captured decoder, for the latest
+as a CUDA graph, and "compiled-graph" compiles its pieces with torch.compile before capturing (the fastest:
+see docs/benchmarks.md); "auto" is "compiled-graph" for a GPT on CUDA and "dynamic" otherwise. A
+compiled-graph decoder that fails to build says so once on stderr and the engine uses "graph" from then on;
+any other static path that cannot run (not a GPT, no CUDA, capture failed) says so once and decodes
+dynamically. One captured decoder, for the latest
 (num_samples, cache length bucket), is kept and reused; a generate call that overlaps another one on the
 same engine decodes dynamically. `last_decode_path` names the path the latest generate call took.
 
@@ -62,6 +64,7 @@ class Engine:
         self._decoder: StaticDecoder | None = None
         self._decoder_busy = False
         self._static_unavailable: str | None = None
+        self._compile_unavailable: str | None = None
         self.tokenizer = tokenizer
         config = model.config
         self.max_context = int(getattr(model, "rotary_len", config.sequence_len))
@@ -206,12 +209,14 @@ class Engine:
             return None
         cuda = self.device.type == "cuda"
         if self.decode == "auto":
-            return "graph" if cuda and as_gpt(self.model) is not None else None
+            if not cuda or as_gpt(self.model) is None:
+                return None
+            return "graph" if self._compile_unavailable else "compiled-graph"
         if as_gpt(self.model) is None:
             return self._fall_back(f"the model is a {type(self.model).__name__}, not a nanochat GPT")
         if self.decode != "static" and not cuda:
             return self._fall_back(f"CUDA graphs need a CUDA model, this one is on {self.device.type}")
-        return self.decode
+        return "graph" if self.decode == "compiled-graph" and self._compile_unavailable else self.decode
 
     def _fall_back(self, reason: str) -> None:
         """Remember that the static path cannot run here and say so on stderr (once per engine)."""
@@ -230,16 +235,25 @@ class Engine:
         if kept is None or (kept.batch_size, kept.max_len) != (batch_size, max_len) or kept.is_stale():
             self._decoder = kept = None  # free the old cache before allocating the new one
             try:
-                kept = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self._cache_dtype(),
-                                     compile_step=path == "compiled-graph")
-                if path != "static":
-                    kept.capture()
-            except Exception as exc:  # any failure to build or capture means: decode dynamically
-                return self._fall_back(f"building the {path} decoder failed: {type(exc).__name__}: {exc}")
+                kept = self._build_decoder(path, batch_size, max_len)
+            except Exception as exc:
+                if path != "compiled-graph":  # any other failure to build or capture means: decode dynamically
+                    return self._fall_back(f"building the {path} decoder failed: {type(exc).__name__}: {exc}")
+                self._compile_unavailable = f"{type(exc).__name__}: {exc}"
+                print(f"nanochat.engine: compiling the decode step failed ({self._compile_unavailable}); "
+                      "decoding with the uncompiled CUDA graph instead", file=sys.stderr, flush=True)
+                return self._claim_decoder(batch_size, cache_len)
             self._decoder = kept
         self._decoder_busy = True
         self.last_decode_path = path
         return kept
+
+    def _build_decoder(self, path: str, batch_size: int, max_len: int) -> StaticDecoder:
+        decoder = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self._cache_dtype(),
+                                compile_step=path == "compiled-graph")
+        if path != "static":
+            decoder.capture()
+        return decoder
 
     def _track_tool_use(self, row: _RowState, token: int) -> None:
         """Follow a row's python block; at its end queue the calculator's answer as forced tokens."""

@@ -11,8 +11,10 @@ casts its matrices to bf16 (`--dtype`), and times `nanochat.engine.Engine.genera
 Every mode first runs one untimed generation (graph modes capture there; its time is `warmup_s`). Prints
 one JSON line per run: time to first token (prompt pass and first sample, ms), decode tokens/s per
 sequence and in total (the new tokens after the first over the time after the first), and whether the
-tokens equal the eager path's (`tokens_match`, `first_mismatch_step`). `decode_path` is the path the
-Engine took, so a requested graph path that fell back (it also says so on stderr) is visible.
+tokens equal the eager path's (`tokens_match`, `first_mismatch_step`) and those of each mode run before
+it at that batch size (`same_tokens_as`: "graph" is the uncompiled step that "compiled-graph" compiles).
+`decode_path` is the path the Engine took, so a requested graph path that fell back (it also says so on
+stderr) is visible.
 
 `--weights init` (the default) is the model's own initialisation, whose attention and MLP output
 projections start at zero (like upstream nanochat's benchmark): timing is the same, and the tokens depend
@@ -190,15 +192,16 @@ def main(config: BenchDecodeConfig) -> int:
     results = []
     for batch_size in config.batch_size_list():
         modes = config.mode_list()
-        reference = None
+        tokens_by_mode = {}
         if "eager" not in modes:  # the tokens are compared with the eager path's, so compute them untimed
-            _, reference = run_mode(model, tokenizer, prompt, batch_size, "eager", config)
+            _, tokens_by_mode["eager"] = run_mode(model, tokenizer, prompt, batch_size, "eager", config)
         for mode in sorted(modes, key=lambda m: m != "eager"):
             result, columns = run_mode(model, tokenizer, prompt, batch_size, mode, config)
-            if mode == "eager":
-                reference = columns
-            mismatch = first_mismatch(columns, reference)
-            result.update(tokens_match=mismatch is None, first_mismatch_step=mismatch, device=device_name)
+            tokens_by_mode.setdefault(mode, columns)
+            mismatch = first_mismatch(columns, tokens_by_mode["eager"])
+            result.update(tokens_match=mismatch is None, first_mismatch_step=mismatch, device=device_name,
+                          same_tokens_as={other: first_mismatch(columns, tokens) is None
+                                          for other, tokens in tokens_by_mode.items() if other != mode})
             results.append(result)
             line = json.dumps(result)
             print(line, flush=True)

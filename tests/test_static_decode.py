@@ -79,6 +79,23 @@ def test_static_step_equals_recomputation_and_kv_cache(shape, batch):
     torch.testing.assert_close(static, full, **TIGHT)
 
 
+def test_compiled_step_pieces_equal_the_eager_step_without_per_layer_recompiles():
+    model = random_model(**SHAPES["SSL-gqa"])
+    prompt = [1, 5, 7, 9, 11, 2]
+    cache, _ = prefilled(model, prompt)
+    eager = StaticDecoder(model, 2, max_len=64)
+    compiled = StaticDecoder(model, 2, max_len=64, compile_step=True)
+    eager.load_prefix(cache)
+    compiled.load_prefix(cache)
+    torch._dynamo.utils.counters.clear()
+    for t in range(12):
+        expected = eager.step([3, 4], len(prompt) + t).clone()
+        torch.testing.assert_close(compiled.step([3, 4], len(prompt) + t), expected, atol=1e-4, rtol=1e-4)
+    # one graph per piece, plus one for the first layer, whose inputs x and x0 are the same tensor
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 7
+    torch.testing.assert_close(compiled.kv, eager.kv, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", ["SL-window-3", "SSL-gqa"])
 def test_static_greedy_tokens_equal_recomputation(shape):
     model = random_model(seed=2, **SHAPES[shape])
@@ -113,11 +130,21 @@ def test_positions_outside_the_cache_are_refused():
     assert cache_length_bucket(1) == cache_length_bucket(256) == 256 and cache_length_bucket(257) == 512
 
 
-def test_replaced_parameters_make_the_decoder_stale():
+def test_in_place_weight_updates_are_seen_and_replaced_parameters_make_the_decoder_stale():
     model = random_model()
+    prompt = [1, 5, 7]
+    cache, _ = prefilled(model, prompt)
     decoder = StaticDecoder(model, 1, max_len=8)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2.0)  # in place: the decoder reads the new values
+    decoder.load_prefix(cache)
+    before = decoder.step([4], len(prompt)).clone()
+    with torch.no_grad():  # in place, as an optimizer step does: the fused q/k/v copy must follow
+        model.transformer.h[1].attn.c_k.weight.mul_(-1.5)
+        model.lm_head.weight.mul_(2.0)
+        expected = model(torch.tensor([prompt + [4]]))[:, -1]
+    decoder.load_prefix(prefilled(model, prompt)[0])
+    after = decoder.step([4], len(prompt))
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, **TIGHT)
     assert not decoder.is_stale()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     assert decoder.is_stale()
@@ -204,8 +231,9 @@ def test_cuda_graph_replay_equals_the_eager_static_step():
 
 
 @needs_cuda
+@pytest.mark.parametrize("decode", ["graph", "compiled-graph"])
 @pytest.mark.parametrize("weights", ["init", "random"])
-def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights):
+def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights, decode):
     """With init weights (zero output projections, as the benchmark uses) the tokens must be identical.
 
     With every matrix random, the masked attention over the whole cache rounds differently in bf16 from
@@ -220,10 +248,10 @@ def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights):
             param.data = param.data.to(torch.bfloat16)
     prompt = tokenizer.encode("The lazy fox", prepend="<|bos|>")
     dynamic = Engine(model, tokenizer)
-    graph = Engine(model, tokenizer, decode="graph")
+    graph = Engine(model, tokenizer, decode=decode)
     expected = list(dynamic.generate(prompt, 3, max_tokens=40, temperature=0.0))
     got = list(graph.generate(prompt, 3, max_tokens=40, temperature=0.0))
-    assert graph.last_decode_path == "graph"
+    assert graph.last_decode_path == decode
     if weights == "init":
         assert got == expected
         return
@@ -232,7 +260,7 @@ def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights):
     cache = KVCache(1, 2, 8, len(prompt), 3, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(torch.tensor([prompt], device="cuda"), kv_cache=cache)
-        decoder = StaticDecoder(model, 1, 64, dtype=torch.bfloat16)
+        decoder = StaticDecoder(model, 1, 64, dtype=torch.bfloat16, compile_step=decode == "compiled-graph")
         decoder.capture()
         decoder.load_prefix(cache)
         for t in range(len(prompt), len(ids) - 1):
@@ -262,3 +290,24 @@ def test_bench_decode_cpu_path(capsys):
         assert result["decode_path"] == expected_path
     assert "decode='graph' is unavailable" in captured.err
     assert bench_decode.cli(["--mode", "eager,warp"]) == 2
+
+
+@needs_cuda
+def test_auto_decode_compiles_and_falls_back_to_the_uncompiled_graph_when_compiling_fails(tokenizer, monkeypatch,
+                                                                                      capsys):
+    model = random_model(**SHAPES["SSL-gqa"]).cuda()
+    prompt = tokenizer.encode("The lazy fox", prepend="<|bos|>")
+    engine = Engine(model, tokenizer, decode="auto")
+    compiled = list(engine.generate(prompt, 2, max_tokens=12, temperature=0.0))
+    assert engine.last_decode_path == "compiled-graph" and engine._decoder.compiled
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fresh = Engine(model, tokenizer, decode="auto")
+    fallback = list(fresh.generate(prompt, 2, max_tokens=12, temperature=0.0))
+    assert fresh.last_decode_path == "graph" and len(fallback) == len(compiled)
+    assert "compiling the decode step failed (RuntimeError: no compiler here)" in capsys.readouterr().err
+    list(fresh.generate(prompt, 2, max_tokens=12, temperature=0.0))
+    assert fresh.last_decode_path == "graph" and capsys.readouterr().err == ""
