@@ -208,7 +208,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, window)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, x0, resid_lambda, x0_lambda, cos, sin, kv_cache):
+        x = resid_lambda * x + x0_lambda * x0
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
 
@@ -224,6 +225,7 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.loss_kernel = "native"
+        self._compiled_head_loss = None  # set by compile_regions
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.rotary_len = config.sequence_len * ROTARY_HEADROOM
@@ -333,13 +335,38 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype("cuda"))
         x0 = x
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], cos, sin, kv_cache)
         cap = self.config.logit_softcap
         if targets is None:
             logits = self.lm_head(norm(x)).float()
             return cap * torch.tanh(logits / cap)
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        loss = linear_cross_entropy(norm(x), self.lm_head.weight, targets, cap, loss_reduction, self.loss_kernel)
+        head_loss = self._compiled_head_loss or self._head_loss
+        loss = head_loss(x, targets, loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_reduction: str) -> torch.Tensor:
+        return linear_cross_entropy(norm(x), self.lm_head.weight, targets, self.config.logit_softcap,
+                                    loss_reduction, self.loss_kernel)
+
+    def compile_regions(self, dynamic: bool = False) -> None:
+        """Compile each block and the head-and-loss on their own instead of the whole model (regional
+        compilation; call instead of `torch.compile(model)`).
+
+        The blocks share one compiled graph per window kind. What it buys: the backward pass is one compiled
+        function per block, so each block's gradients are final as soon as its backward ends, and
+        `MuonAdamW.overlap_reductions` can send them across GPUs while earlier blocks still compute.
+        """
+        for block in self.transformer.h:
+            block.compile(dynamic=dynamic)
+        self._compiled_head_loss = torch.compile(self._head_loss, dynamic=dynamic)
+
+    def backward_order(self) -> list[nn.Parameter]:
+        """The parameters in the order backward finishes their gradients: head, last block .. first block,
+        embedding, then the per-layer scalars (every block adds to their gradients)."""
+        order = [self.lm_head.weight]
+        for block in reversed(self.transformer.h):
+            order.extend(block.parameters())
+        order += [self.transformer.wte.weight, self.resid_lambdas, self.x0_lambdas]
+        return order

@@ -96,6 +96,33 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
+        # Set by the trainer before each backward: True for the last micro-step of an optimizer step, when
+        # gradients are final and `overlap_reductions` hooks may send them. Ignored without those hooks.
+        self.reduce_in_backward = False
+        self._backward_reductions: _BackwardReductions | None = None
+
+    def overlap_reductions(self, params_in_backward_order) -> bool:
+        """Start each gradient's reduction from a hook as soon as backward has produced it (distributed only;
+        returns whether hooks were installed). Pass every optimized parameter in the order backward
+        finishes them (`GPT.backward_order()`): reductions start in that one order on every rank, as NCCL
+        needs. AdamW gradients are all-reduced, each Muon matrix's gradient is reduced to the rank that
+        updates it. Only backward passes run with `reduce_in_backward` True send anything; a step with
+        none falls back to reducing in `step()`."""
+        rank, world = _rank_and_world()
+        if world == 1:
+            return False
+        order = list(params_in_backward_order)
+        destinations: dict[torch.Tensor, int | None] = {}
+        for group in self.param_groups:
+            chunk = -(-len(group["params"]) // world)
+            for index, p in enumerate(group["params"]):
+                destinations[p] = None if group["kind"] == "adamw" else index // chunk
+        if len(order) != len(destinations) or set(order) != set(destinations):
+            raise ValueError("overlap_reductions needs every optimized parameter exactly once")
+        self._backward_reductions = _BackwardReductions(self, order, destinations)
+        for p in order:
+            p.register_post_accumulate_grad_hook(self._backward_reductions.grad_ready)
+        return True
 
     def add_param_group(self, param_group: dict) -> None:
         kind = param_group.get("kind")
@@ -113,6 +140,11 @@ class MuonAdamW(torch.optim.Optimizer):
             if len(shapes) != 1 or len(next(iter(shapes))) != 2:
                 raise ValueError(f"a muon param group needs 2-D matrices of one shape, got shapes {sorted(shapes)}")
 
+    @property
+    def reductions_started(self) -> int:
+        """How many gradient reductions backward hooks have started for the coming `step()`."""
+        return self._backward_reductions.next if self._backward_reductions is not None else 0
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -120,7 +152,13 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world = _rank_and_world()
-        pending = [self._reduce_gradients(group, world) for group in self.param_groups]
+        reductions = self._backward_reductions
+        if reductions is not None and reductions.launched:
+            reductions.finish()
+            pending = [self._reduced_in_backward(group, rank, world) for group in self.param_groups]
+        else:
+            pending = [self._reduce_gradients(group, world) for group in self.param_groups]
+        self.reduce_in_backward = False
         gathers = []
         for group, (grads, handles) in zip(self.param_groups, pending):
             for handle in handles:
@@ -139,6 +177,19 @@ class MuonAdamW(torch.optim.Optimizer):
                 handle.wait()
             torch._foreach_copy_(params, list(everything[:len(params)].unbind(0)))
         return loss
+
+    def _reduced_in_backward(self, group: dict, rank: int, world: int) -> tuple[list[torch.Tensor], list]:
+        """This group's gradients as `_reduce_gradients` returns them, after `_BackwardReductions.finish`:
+        AdamW the .grad tensors, Muon this rank's chunk stacked (zeros past the last matrix)."""
+        if group["kind"] == "adamw":
+            return [p.grad for p in group["params"]], []
+        params = group["params"]
+        chunk = -(-len(params) // world)
+        mine = torch.zeros((chunk, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+        owned = params[rank * chunk:(rank + 1) * chunk]
+        if owned:
+            torch.stack([p.grad for p in owned], out=mine[:len(owned)])
+        return [mine], []
 
     def _reduce_gradients(self, group: dict, world: int) -> tuple[list[torch.Tensor], list]:
         """Start averaging this group's gradients across ranks; return the tensors and the async handles.
@@ -232,3 +283,52 @@ class MuonAdamW(torch.optim.Optimizer):
             return params, everything, dist.all_gather_into_tensor(everything, mine.contiguous(), async_op=True)
         dist.all_gather(list(everything.chunk(world)), mine.contiguous())
         return params, everything, None
+
+
+class _BackwardReductions:
+    """Gradient reductions started from post-accumulate-grad hooks during backward, in one fixed order.
+
+    A hook marks its parameter ready; reductions then start for the longest ready prefix of `order`, so
+    every rank issues the same collectives in the same order whatever order its hooks fire in. `finish()`
+    starts what backward did not (a parameter without a gradient reduces zeros) and waits for everything.
+    """
+
+    def __init__(self, optimizer: MuonAdamW, order: list[torch.Tensor],
+                 destinations: dict[torch.Tensor, int | None]):
+        self.optimizer = optimizer
+        self.order = order
+        self.destinations = destinations
+        self.ready: set[torch.Tensor] = set()
+        self.next = 0
+        self.handles: list = []
+
+    @property
+    def launched(self) -> bool:
+        return self.next > 0
+
+    def grad_ready(self, param: torch.Tensor) -> None:
+        if not self.optimizer.reduce_in_backward:
+            return
+        self.ready.add(param)
+        while self.next < len(self.order) and self.order[self.next] in self.ready:
+            self._launch(self.order[self.next])
+
+    def _launch(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        op = dist.ReduceOp.AVG if _nccl() else dist.ReduceOp.SUM
+        destination = self.destinations[param]
+        if destination is None:
+            self.handles.append(dist.all_reduce(param.grad, op=op, async_op=True))
+        else:
+            self.handles.append(dist.reduce(param.grad, dst=destination, op=op, async_op=True))
+        self.next += 1
+
+    def finish(self) -> None:
+        while self.next < len(self.order):
+            self._launch(self.order[self.next])
+        for handle in self.handles:
+            handle.wait()
+        self.handles.clear()
+        self.ready.clear()
+        self.next = 0

@@ -79,6 +79,8 @@ class BaseTrainConfig(OptimizerFlags):
     kernel: Literal["native", "liger"] = field(default="native", metadata={
         "help": "loss kernel: native, or liger (fused linear cross-entropy, pip install -e '.[gpu]')"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    overlap: bool = field(default=True, metadata={
+        "help": "multi-GPU with compile: compile block by block and reduce gradients during backward"})
     tokenizer_threads: int = 4
 
     def __post_init__(self) -> None:
@@ -194,9 +196,16 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         loader_state = meta["loader_states"][runtime.rank]
         print0(runtime, f"resumed from {out_dir} at step {start_step}")
     use_compile = config.compile if config.compile is not None else runtime.device_type == "cuda"
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    if use_compile:
-        print0(runtime, "torch.compile: on (the first steps include compilation)")
+    if use_compile and config.overlap and runtime.distributed:
+        model.compile_regions()
+        optimizer.overlap_reductions(model.backward_order())
+        train_model = model
+        print0(runtime, "torch.compile: on, block by block, gradients reduced during backward (the first steps "
+                        "include compilation)")
+    else:
+        train_model = torch.compile(model, dynamic=False) if use_compile else model
+        if use_compile:
+            print0(runtime, "torch.compile: on (the first steps include compilation)")
 
     B, T = config.device_batch_size, config.max_seq_len
     loader = PackedTokenLoader(train_files, tokenizer, B, T, rank=runtime.rank, world_size=runtime.world_size,
@@ -272,12 +281,13 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
                 if group.get("kind") == "muon":
                     group["momentum"] = muon_momentum(step)
             loss_sum = torch.zeros((), device=device)
-            for _ in range(hp.grad_accum_steps):
+            for micro in range(hp.grad_accum_steps):
                 x, y = next(loader)
                 train_counts += torch.bincount(y.reshape(-1), minlength=tokenizer.vocab_size)
                 with runtime.autocast():
                     loss = train_model(x, y)
                 loss_sum += loss.detach()
+                optimizer.reduce_in_backward = micro == hp.grad_accum_steps - 1
                 (loss / hp.grad_accum_steps).backward()
             optimizer.step()
             model.zero_grad(set_to_none=True)

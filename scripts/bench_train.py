@@ -10,8 +10,10 @@ Several configurations in one process: `--configs "depth=20,kernel=liger;depth=1
 (';' between configurations, ',' between field=value overrides of the flags given).
 
 Multi-GPU: `torchrun --nproc_per_node N -m scripts.bench_train ...`. The optimizer averages gradients
-itself. Every step's global batch (N x grad_accum x device_batch_size rows) is generated from the seed and
-the step number alone, and rank r's micro-step m reads rows (m*N + r)*B .. +B, so one GPU with N x
+itself: by default during backward (`--overlap`: blocks compiled one by one, `GPT.compile_regions`, so
+each block's gradients leave while earlier blocks compute), with `--no-overlap` after it. Every step's
+global batch (N x grad_accum x device_batch_size rows) is generated from the seed and the step number
+alone, and rank r's micro-step m reads rows (m*N + r)*B .. +B, so one GPU with N x
 accumulation sees exactly the data of N GPUs: their losses must agree (the loss parity check).
 """
 
@@ -63,6 +65,8 @@ class BenchTrainConfig:
     compile: bool = True
     fullgraph: bool = field(default=True, metadata={
         "help": "compile with fullgraph=True (falls back to graph breaks allowed, and says so)"})
+    overlap: bool = field(default=True, metadata={
+        "help": "multi-GPU: compile block by block and reduce gradients during backward (else after it)"})
     profile: bool = False
     configs: str = field(default="", metadata={"help": "';'-separated configurations of ','-separated overrides"})
     seed: int = 42
@@ -189,7 +193,13 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
     hp, model, optimizer, precision, flex_layers = _build(config, runtime, world)
     print0(runtime, f"[{config.label()}] {precision.describe()}; flex attention layers: {flex_layers}")
     fullgraph = config.fullgraph and config.compile
-    train_model = torch.compile(model, dynamic=False, fullgraph=fullgraph) if config.compile else model
+    overlap = config.overlap and config.compile and world > 1
+    if overlap:
+        model.compile_regions()
+        optimizer.overlap_reductions(model.backward_order())
+        train_model, fullgraph = model, False
+    else:
+        train_model = torch.compile(model, dynamic=False, fullgraph=fullgraph) if config.compile else model
     B, T = config.device_batch_size, config.max_seq_len
     rows = B * world * config.grad_accum
     phases = _Phases(config.profile and cuda)
@@ -207,6 +217,7 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
             with runtime.autocast():
                 loss = train_model(x, y)
             phases.mark("forward")
+            optimizer.reduce_in_backward = micro == config.grad_accum - 1
             (loss / config.grad_accum).backward()
             loss_sum += loss.detach()
             phases.mark("backward")
@@ -269,7 +280,7 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         "device_batch_size": B, "grad_accum": config.grad_accum, "world_size": world,
         "precision": config.precision, "kernel": config.kernel, "attention": config.attention,
         "flex_layers": flex_layers, "converted_layers": precision.converted_layers,
-        "compile": config.compile, "fullgraph": fullgraph, "compile_note": compile_note,
+        "compile": config.compile, "fullgraph": fullgraph, "compile_note": compile_note, "overlap": overlap,
         "device": device_name, "params": hp.params.total, "flops_per_token": hp.flops_per_token,
         "tokens_per_step": tokens_per_step, "step_ms": 1000 * step_seconds, "tok_per_s": tok_per_s,
         "mfu_datasheet": per_gpu / peak.flops if peak else None,

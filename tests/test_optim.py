@@ -154,21 +154,54 @@ def test_param_group_validation():
         MuonAdamW([dict(params=[matrix], kind="adamw")])
 
 
-def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def overlapped_train_steps(model: GPT, optimizer: MuonAdamW, steps, rows: slice, micro_steps: int) -> None:
+    """train_steps with gradients reduced during backward (on the last micro-step's backward only)."""
+    for step in steps:
+        inputs, targets = batch(step)
+        inputs, targets = inputs[rows], targets[rows]
+        per_micro = inputs.size(0) // micro_steps
+        for micro in range(micro_steps):
+            chunk = slice(micro * per_micro, (micro + 1) * per_micro)
+            optimizer.reduce_in_backward = micro == micro_steps - 1
+            (model(inputs[chunk], targets[chunk]) / micro_steps).backward()
+            # nothing is sent before the last micro-step; then every gradient is sent during backward
+            expected = len(list(model.parameters())) if micro == micro_steps - 1 else 0
+            assert optimizer.reductions_started == expected
+        optimizer.step()
+        assert optimizer.reductions_started == 0
+        optimizer.zero_grad(set_to_none=True)
+
+
+def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         model = tiny_model(n_layer=2)
         optimizer = model.setup_optimizer(**LRS)
         rows_per_rank = 4 // world_size
-        train_steps(model, optimizer, range(3), rows=slice(rank * rows_per_rank, (rank + 1) * rows_per_rank))
+        rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
+        if mode == "reduce-in-step":
+            train_steps(model, optimizer, range(3), rows=rows)
+        else:
+            assert optimizer.overlap_reductions(model.backward_order())
+            overlapped_train_steps(model, optimizer, range(3), rows, micro_steps=2 if mode == "overlap-2-micro" else 1)
         torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_step_matches_single_process(tmp_path):
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+def test_backward_order_lists_every_parameter_once():
+    model = tiny_model(n_layer=2)
+    order = model.backward_order()
+    assert len(order) == len(set(order)) == len(list(model.parameters()))
+    assert order[0] is model.lm_head.weight and order[-3] is model.transformer.wte.weight
+    optimizer = model.setup_optimizer(**LRS)
+    assert optimizer.overlap_reductions(order) is False  # one process: nothing to reduce, no hooks
+
+
+@pytest.mark.parametrize("mode", ["reduce-in-step", "overlap", "overlap-2-micro"])
+def test_two_process_gloo_step_matches_single_process(tmp_path, mode):
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path), mode), nprocs=2, join=True)
     single = tiny_model(n_layer=2)
     optimizer = single.setup_optimizer(**LRS)
     train_steps(single, optimizer, range(3))
