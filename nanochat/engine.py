@@ -79,20 +79,23 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context the engine runs the model under: bf16 on CUDA, none elsewhere."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _cache_dtype(self) -> torch.dtype:
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV caches: bf16 on CUDA, the parameters' dtype elsewhere."""
         if self.device.type == "cuda":
             return torch.bfloat16
         return next(self.model.parameters()).dtype
 
-    def _new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model on its device, in `cache_dtype()`."""
         config = self.model.config
         return KVCache(batch_size, config.n_kv_head, config.head_dim, max_len, config.n_layer,
-                       device=self.device, dtype=self._cache_dtype())
+                       device=self.device, dtype=self.cache_dtype())
 
     def generate(self, prompt_ids: list[int], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None,
@@ -120,7 +123,7 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position, under bf16 autocast on CUDA."""
-        with self._autocast():
+        with self.autocast():
             return self.model(ids, kv_cache=cache)[:, -1, :]
 
     # As a decorator on a generator, inference_mode is only on while the generator runs, never in the
@@ -130,7 +133,7 @@ class Engine:
         device = self.device
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-        prompt_cache = self._new_cache(1, len(prompt_ids))
+        prompt_cache = self.new_cache(1, len(prompt_ids))
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         logits = self._forward(prompt, prompt_cache)
         # The last step's token is never fed back, so the cache needs room for steps - 1 answer tokens.
@@ -142,7 +145,7 @@ class Engine:
                 decoder.load_prefix(prompt_cache)
                 cache = None
             else:
-                cache = self._new_cache(num_samples, cache_len)
+                cache = self.new_cache(num_samples, cache_len)
                 cache.prefill_from(prompt_cache)
             del prompt_cache
             logits = logits.expand(num_samples, -1)
@@ -249,7 +252,7 @@ class Engine:
         return kept
 
     def _build_decoder(self, path: str, batch_size: int, max_len: int) -> StaticDecoder:
-        decoder = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self._cache_dtype(),
+        decoder = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self.cache_dtype(),
                                 compile_step=path == "compiled-graph")
         if path != "static":
             decoder.capture()

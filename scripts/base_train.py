@@ -79,8 +79,9 @@ class BaseTrainConfig(OptimizerFlags):
     kernel: Literal["native", "liger"] = field(default="native", metadata={
         "help": "loss kernel: native, or liger (fused linear cross-entropy, pip install -e '.[gpu]')"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
-    overlap: bool = field(default=True, metadata={
-        "help": "multi-GPU with compile: compile block by block and reduce gradients during backward"})
+    overlap: bool = field(default=False, metadata={
+        "help": "multi-GPU with compile: compile block by block and reduce gradients during backward (slower "
+                "on NVLink H200s, see docs/benchmarks.md; for slower links)"})
     tokenizer_threads: int = 4
 
     def __post_init__(self) -> None:

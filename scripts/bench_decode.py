@@ -16,6 +16,10 @@ it at that batch size (`same_tokens_as`: "graph" is the uncompiled step that "co
 `decode_path` is the path the Engine took, so a requested graph path that fell back (it also says so on
 stderr) is visible.
 
+`--teacher-forced` (batch 1) then feeds the eager path's tokens through the dynamic cache and each static
+mode's decoder side by side and reports how often their argmax agrees, their largest logit difference
+and, where the argmax differs, how close the dynamic path's top two logits were.
+
 `--weights init` (the default) is the model's own initialisation, whose attention and MLP output
 projections start at zero (like upstream nanochat's benchmark): timing is the same, and the tokens depend
 only on the fed token, so they must match exactly. `--weights random` fills every matrix, which makes the
@@ -38,6 +42,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.runtime import resolve_device_type
 from nanochat.scaling import derive
+from nanochat.static_decode import StaticDecoder, cache_length_bucket
 
 ENGINE_DECODE = {"eager": "dynamic", "static": "static", "graph": "graph", "compiled-graph": "compiled-graph"}
 SPECIAL_TOKENS = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
@@ -60,6 +65,8 @@ class BenchDecodeConfig:
     mode: str = field(default="eager,graph", metadata={"help": "comma-separated: " + ", ".join(ENGINE_DECODE)})
     weights: Literal["init", "random"] = "init"
     dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "dtype of the weight matrices"})
+    teacher_forced: bool = field(default=False, metadata={
+        "help": "at batch 1, also feed the eager tokens through each static mode and compare the logits"})
     seed: int = 42
     device_type: str = "auto"
     out: str = field(default="", metadata={"help": "append the JSON lines to this file as well"})
@@ -180,6 +187,35 @@ def run_mode(model: GPT, tokenizer: NoToolTokenizer, prompt: list[int], batch_si
     return result, columns
 
 
+@torch.inference_mode()
+def teacher_forced_agreement(model: GPT, engine: Engine, prompt: list[int], tokens: list[int], mode: str) -> dict:
+    """Feed the eager path's tokens through both the dynamic KV cache and `mode`'s static decoder, one step
+    at a time, and compare their logits: how often the argmax agrees, the largest logit difference, and
+    the widest top-two gap of the dynamic logits where the argmax differs (a near-tie when that is about
+    the logit difference: the paths round differently, neither is wrong)."""
+    cache = engine.new_cache(1, len(prompt) + len(tokens))
+    with engine.autocast():
+        model(torch.tensor([prompt], device=engine.device), kv_cache=cache)
+    decoder = StaticDecoder(model, 1, cache_length_bucket(len(prompt) + len(tokens)), dtype=engine.cache_dtype(),
+                            compile_step=mode == "compiled-graph")
+    if mode != "static":
+        decoder.capture()
+    decoder.load_prefix(cache)
+    agree, max_diff, widest_gap = 0, 0.0, 0.0
+    for step, token in enumerate(tokens[:-1]):
+        with engine.autocast():
+            reference = model(torch.tensor([[token]], device=engine.device), kv_cache=cache)[0, -1].float()
+        static = decoder.step([token], len(prompt) + step)[0]
+        max_diff = max(max_diff, (static - reference).abs().max().item())
+        if int(static.argmax()) == int(reference.argmax()):
+            agree += 1
+        else:
+            top2 = reference.topk(2).values
+            widest_gap = max(widest_gap, (top2[0] - top2[1]).item())
+    return {"steps": len(tokens) - 1, "argmax_agree": agree, "max_abs_logit_diff": round(max_diff, 5),
+            "widest_top2_gap_where_argmax_differs": round(widest_gap, 5)}
+
+
 def main(config: BenchDecodeConfig) -> int:
     device_type = config.device_type
     model = build_model(config)
@@ -202,6 +238,10 @@ def main(config: BenchDecodeConfig) -> int:
             result.update(tokens_match=mismatch is None, first_mismatch_step=mismatch, device=device_name,
                           same_tokens_as={other: first_mismatch(columns, tokens) is None
                                           for other, tokens in tokens_by_mode.items() if other != mode})
+            if config.teacher_forced and batch_size == 1 and mode != "eager" and result["decode_path"] == mode:
+                eager_tokens = [column[0] for column in tokens_by_mode["eager"]]
+                engine = Engine(model, tokenizer, decode=ENGINE_DECODE[mode])
+                result["teacher_forced"] = teacher_forced_agreement(model, engine, prompt, eager_tokens, mode)
             results.append(result)
             line = json.dumps(result)
             print(line, flush=True)

@@ -10,8 +10,8 @@ Several configurations in one process: `--configs "depth=20,kernel=liger;depth=1
 (';' between configurations, ',' between field=value overrides of the flags given).
 
 Multi-GPU: `torchrun --nproc_per_node N -m scripts.bench_train ...`. The optimizer averages gradients
-itself: by default during backward (`--overlap`: blocks compiled one by one, `GPT.compile_regions`, so
-each block's gradients leave while earlier blocks compute), with `--no-overlap` after it. Every step's
+itself: by default after backward, with `--overlap` during it (blocks compiled one by one,
+`GPT.compile_regions`, so each block's gradients leave while earlier blocks compute). Every step's
 global batch (N x grad_accum x device_batch_size rows) is generated from the seed and the step number
 alone, and rank r's micro-step m reads rows (m*N + r)*B .. +B, so one GPU with N x
 accumulation sees exactly the data of N GPUs: their losses must agree (the loss parity check).
@@ -65,8 +65,9 @@ class BenchTrainConfig:
     compile: bool = True
     fullgraph: bool = field(default=True, metadata={
         "help": "compile with fullgraph=True (falls back to graph breaks allowed, and says so)"})
-    overlap: bool = field(default=True, metadata={
-        "help": "multi-GPU: compile block by block and reduce gradients during backward (else after it)"})
+    overlap: bool = field(default=False, metadata={
+        "help": "multi-GPU: compile block by block and reduce gradients during backward (slower on NVLink "
+                "H200s; for slower links)"})
     profile: bool = False
     configs: str = field(default="", metadata={"help": "';'-separated configurations of ','-separated overrides"})
     seed: int = 42

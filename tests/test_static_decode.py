@@ -276,7 +276,7 @@ def test_bench_decode_cpu_path(capsys):
     code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
                              "--max-seq-len", "32", "--batch-sizes", "1,2", "--prompt-tokens", "6",
                              "--new-tokens", "5", "--mode", "eager,static,graph", "--weights", "random",
-                             "--dtype", "fp32", "--device-type", "cpu"])
+                             "--dtype", "fp32", "--device-type", "cpu", "--teacher-forced"])
     assert code == 0
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
@@ -286,6 +286,12 @@ def test_bench_decode_cpu_path(capsys):
         assert result["tokens_match"] is True and result["first_mismatch_step"] is None
         assert result["new_tokens"] == 5 and result["decode_tok_per_s_total"] > 0
         assert result["ttft_ms"] > 0
+        if result["batch_size"] == 1 and result["mode"] == "static":  # graph fell back on CPU: not compared
+            forced = result["teacher_forced"]
+            assert forced["steps"] == forced["argmax_agree"] == 4 and forced["max_abs_logit_diff"] <= 1e-4
+            assert forced["widest_top2_gap_where_argmax_differs"] == 0.0
+        else:
+            assert "teacher_forced" not in result
         expected_path = {"eager": "dynamic", "static": "static", "graph": "dynamic"}[result["mode"]]
         assert result["decode_path"] == expected_path
     assert "decode='graph' is unavailable" in captured.err
