@@ -4,7 +4,8 @@ Random tokens through the real model (`nanochat.gpt.GPT`), optimizer (`MuonAdamW
 path of base_train, with no data loading. Prints one JSON line per configuration: tokens/s, step time, MFU
 against the datasheet peak (`nanochat.hardware`) and against a bf16 8192^3 matmul measured in the same
 process, peak memory, and every step's loss. `--profile` splits the step into data, forward, backward and
-optimizer time with CUDA events (it synchronises every step, so its tokens/s is a little lower).
+optimizer time with CUDA events (it synchronises every step, so its tokens/s is a little lower);
+`--kernels N` profiles two more steps with torch.profiler and lists the N kernels that took the most time.
 
 Several configurations in one process: `--configs "depth=20,kernel=liger;depth=12,window_pattern=SSSL"`
 (';' between configurations, ',' between field=value overrides of the flags given).
@@ -38,10 +39,12 @@ from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
 from nanochat.kernels import isolate_liger_from_compile
 from nanochat.precision import apply_precision, autocast_precision
+from nanochat.profiling import profile_steps
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
 from nanochat.scaling import derive
 
 MATMUL_SIZE = 8192
+KERNEL_PROFILE_STEPS = 2
 
 
 @dataclass
@@ -69,6 +72,8 @@ class BenchTrainConfig:
         "help": "multi-GPU: compile block by block and reduce gradients during backward (slower on NVLink "
                 "H200s; for slower links)"})
     profile: bool = False
+    kernels: int = field(default=0, metadata={
+        "help": "after the timed steps, profile 2 more and list the N kernels with the most device time"})
     configs: str = field(default="", metadata={"help": "';'-separated configurations of ','-separated overrides"})
     seed: int = 42
     device_type: str = "auto"
@@ -265,6 +270,12 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         seconds = start.elapsed_time(end) / 1000
     else:
         seconds = time.perf_counter() - wall
+    kernel_table = None
+    if config.kernels:
+        profiled = iter(range(config.warmup + config.steps, config.warmup + config.steps + KERNEL_PROFILE_STEPS))
+        kernel_table = profile_steps(lambda: step(next(profiled)), KERNEL_PROFILE_STEPS, runtime.device_type)
+        for line in kernel_table.lines(config.kernels):
+            print0(runtime, f"[{config.label()}] {line}")
     loss_values = torch.stack(losses).float()
     if runtime.distributed:
         dist.all_reduce(loss_values, op=dist.ReduceOp.SUM)
@@ -293,6 +304,8 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         "peak_reserved_gb": torch.cuda.max_memory_reserved(runtime.device) / 1e9 if cuda else None,
         "losses": [round(v, 5) for v in loss_values.tolist()],
     }
+    if kernel_table is not None:
+        result["kernels"] = kernel_table.as_json(config.kernels)
     if phase_totals:
         result["profile_ms_per_step"] = {k: round(v / config.steps, 2) for k, v in phase_totals.items()}
     return result
