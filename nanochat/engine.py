@@ -252,6 +252,9 @@ class Engine:
         return kept
 
     def _build_decoder(self, path: str, batch_size: int, max_len: int) -> StaticDecoder:
+        if path == "compiled-graph":
+            print(f"nanochat.engine: compiling the decode step for {batch_size} sample(s) and {max_len} positions "
+                  "(once per shape, seconds)", file=sys.stderr, flush=True)
         decoder = StaticDecoder(as_gpt(self.model), batch_size, max_len, dtype=self.cache_dtype(),
                                 compile_step=path == "compiled-graph")
         if path != "static":

@@ -306,6 +306,7 @@ def test_auto_decode_compiles_and_falls_back_to_the_uncompiled_graph_when_compil
     engine = Engine(model, tokenizer, decode="auto")
     compiled = list(engine.generate(prompt, 2, max_tokens=12, temperature=0.0))
     assert engine.last_decode_path == "compiled-graph" and engine._decoder.compiled
+    assert "compiling the decode step for 2 sample(s) and 256 positions" in capsys.readouterr().err
 
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no compiler here")
