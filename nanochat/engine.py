@@ -15,9 +15,9 @@ as a CUDA graph, and "compiled-graph" compiles its pieces with torch.compile bef
 see docs/benchmarks.md); "auto" is "compiled-graph" for a GPT on CUDA and "dynamic" otherwise. A
 compiled-graph decoder that fails to build says so once on stderr and the engine uses "graph" from then on;
 any other static path that cannot run (not a GPT, no CUDA, capture failed) says so once and decodes
-dynamically. One captured decoder, for the latest
-(num_samples, cache length bucket), is kept and reused; a generate call that overlaps another one on the
-same engine decodes dynamically. `last_decode_path` names the path the latest generate call took.
+dynamically. `warm_up()` builds the decoder ahead of the first answer (the chat CLI and web server call
+it at start). One captured decoder, for the latest (num_samples, cache length bucket), is kept and
+reused; a generate call that overlaps another one on the same engine decodes dynamically. `last_decode_path` names the path the latest generate call took.
 
 The model is anything shaped like `nanochat.gpt.GPT`: a `config` with `n_layer`, `n_kv_head`, `head_dim`
 and `sequence_len`, optionally a `rotary_len` (the positions its rotary tables cover), and
@@ -29,6 +29,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -272,6 +273,14 @@ class Engine:
                 row.forced.extend([self._output_start, *self.tokenizer.encode(result), self._output_end])
         elif row.in_python:
             row.python_tokens.append(token)
+
+    def warm_up(self, num_samples: int = 1) -> float:
+        """Generate two throw-away tokens so that building (on CUDA: compiling and capturing) the decoder for
+        `num_samples` happens now rather than in the first answer; returns the seconds it took."""
+        start = time.perf_counter()
+        for _ in self.generate([self.tokenizer.bos_id], num_samples, max_tokens=2, temperature=0.0):
+            pass
+        return time.perf_counter() - start
 
     def generate_batch(self, prompt_ids: list[int], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None,

@@ -81,6 +81,7 @@ def main(config: ChatCliConfig) -> int:
         stream_answer(engine, prompt_ids, config, config.seed)
         return EXIT_OK
 
+    engine.warm_up()
     print(f"nanochat {config.source} model {loaded.tag} step {loaded.step}. "
           "Type 'quit' or 'exit' to leave, 'clear' for a new conversation.", flush=True)
     conversation = [bos]

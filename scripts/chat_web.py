@@ -329,8 +329,9 @@ def main(config: ChatWebConfig) -> int:
         loaded = load_model(SOURCE_PHASES[config.source], device, tag=config.model_tag, step=config.step,
                             dtype=torch.bfloat16 if device.type == "cuda" else None)
         engines.append(Engine(loaded.model, loaded.tokenizer, decode="auto"))
+        warm_up_s = engines[-1].warm_up()
         print0(runtime, f"replica {len(engines) - 1}: {config.source} model {loaded.tag} step {loaded.step} "
-                        f"on {device}")
+                        f"on {device} (decoder ready in {warm_up_s:.1f} s)")
     defaults = SamplingDefaults(config.temperature, config.top_k, config.max_tokens)
     app = create_app(engines, defaults=defaults, max_queue=config.max_queue, seed=config.seed)
     print0(runtime, f"chat UI at http://{config.host}:{config.port}/")

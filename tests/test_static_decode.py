@@ -191,6 +191,16 @@ def test_engine_reuses_its_decoder_and_decodes_overlapping_calls_dynamically(tok
     assert engine._decoder is decoder and engine.last_decode_path == "static"
 
 
+def test_warm_up_builds_the_decoder_the_first_answer_then_reuses(tokenizer):
+    engine = Engine(random_model(), tokenizer, decode="static")
+    assert engine.warm_up(2) >= 0
+    decoder = engine._decoder
+    assert (decoder.batch_size, decoder.max_len) == (2, 256)
+    prompt = tokenizer.encode("The quick", prepend="<|bos|>")
+    list(engine.generate(prompt, 2, max_tokens=20, temperature=0.0))
+    assert engine._decoder is decoder and engine.last_decode_path == "static"
+
+
 def test_requested_graph_path_falls_back_loudly_once_on_cpu(tokenizer, capsys):
     model = random_model()
     prompt = tokenizer.encode("The quick", prepend="<|bos|>")
