@@ -144,6 +144,8 @@ class StaticDecoder:
                               device=device, dtype=self.dtype)
         qkv_rows = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv_weight = torch.empty((config.n_layer, qkv_rows, config.n_embd), device=device, dtype=self.dtype)
+        self._projection_weights = [w for block in model.transformer.h
+                                    for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight)]
         self._qkv_versions: tuple[int, ...] | None = None
         self.sync_weights()
         self.ids = torch.zeros(batch_size, device=device, dtype=torch.long)
@@ -177,17 +179,14 @@ class StaticDecoder:
         """True when a model parameter or rotary table was replaced since construction (not updated in place)."""
         return self._addresses() != self._tensor_addresses
 
-    def _projection_weights(self) -> list[torch.Tensor]:
-        return [w for block in self.model.transformer.h
-                for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight)]
-
     @torch.no_grad()
     def sync_weights(self) -> None:
         """Copy the query, key and value weights into `qkv_weight` if any changed since the last copy.
 
         Tensor version counters tell: every in-place update (an optimizer step, `copy_`, `mul_`) bumps them.
+        A replaced weight tensor is not followed (`is_stale()` says so).
         """
-        weights = self._projection_weights()
+        weights = self._projection_weights
         versions = tuple(w._version for w in weights)
         if versions == self._qkv_versions:
             return
