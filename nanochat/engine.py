@@ -17,7 +17,8 @@ compiled-graph decoder that fails to build says so once on stderr and the engine
 any other static path that cannot run (not a GPT, no CUDA, capture failed) says so once and decodes
 dynamically. `warm_up()` builds the decoder ahead of the first answer (the chat CLI and web server call
 it at start). One captured decoder, for the latest (num_samples, cache length bucket), is kept and
-reused; a generate call that overlaps another one on the same engine decodes dynamically. `last_decode_path` names the path the latest generate call took.
+reused; a generate call that overlaps another one on the same engine decodes dynamically.
+`last_decode_path` names the path the latest generate call took.
 
 The model is anything shaped like `nanochat.gpt.GPT`: a `config` with `n_layer`, `n_kv_head`, `head_dim`
 and `sequence_len`, optionally a `rotary_len` (the positions its rotary tables cover), and
