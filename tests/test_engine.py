@@ -9,6 +9,7 @@ from torch import nn
 from nanochat.engine import Engine, TextStream
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import train_tokenizer
+from tests.fixtures.models import random_gpt
 
 VOCAB = 300
 TEXT = "The quick brown fox {i} jumps over the lazy dog; 2+2=4 and 12*3=36. Café naïve 日本語 {i}!"
@@ -23,15 +24,7 @@ def random_model(seed: int = 0, **overrides) -> GPT:
     """A tiny GPT whose every matrix is random (init_weights zeroes the output projections)."""
     fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     fields.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**fields))
-    model.init_weights()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and name != "transformer.wte.weight":
-                param.normal_(0.0, param.size(1) ** -0.5)
-        model.x0_lambdas.uniform_(0.2, 0.5)
-    return model.eval()
+    return random_gpt(GPTConfig(**fields), seed)
 
 
 class ScriptedModel(nn.Module):

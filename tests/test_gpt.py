@@ -5,6 +5,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig, attention, attention_mask
 from nanochat.kv_cache import KVCache
+from tests.fixtures.models import random_gpt
 
 VOCAB = 37
 
@@ -20,15 +21,7 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
 
     (init_weights zeroes the output projections, which would make most masking tests pass vacuously.)
     """
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and name != "transformer.wte.weight":
-                param.normal_(0.0, param.size(1) ** -0.5)
-        model.x0_lambdas.uniform_(0.2, 0.5)
-    return model.eval()
+    return random_gpt(config, seed)
 
 
 def make_cache(model: GPT, batch_size: int, max_len: int) -> KVCache:

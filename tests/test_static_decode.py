@@ -13,6 +13,7 @@ from nanochat.kv_cache import KVCache
 from nanochat.static_decode import StaticDecoder, cache_length_bucket
 from nanochat.tokenizer import train_tokenizer
 from scripts import bench_decode
+from tests.fixtures.models import random_gpt
 
 VOCAB = 300
 TEXT = "The quick brown fox {i} jumps over the lazy dog; 2+2=4. Café {i}!"
@@ -28,16 +29,7 @@ def random_model(seed: int = 0, **overrides) -> GPT:
     """A tiny float32 GPT with every matrix random (init_weights zeroes the output projections)."""
     fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=4, n_embd=32)
     fields.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**fields))
-    model.init_weights()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and name != "transformer.wte.weight":
-                param.normal_(0.0, param.size(1) ** -0.5)
-        model.x0_lambdas.uniform_(0.2, 0.5)
-        model.resid_lambdas.uniform_(0.8, 1.2)
-    return model.eval()
+    return random_gpt(GPTConfig(**fields), seed, random_resid_lambdas=True)
 
 
 def prefilled(model: GPT, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
