@@ -10,9 +10,9 @@
 - logits softcapped with tanh and computed in float32
 
 All attention goes through `attention()`, the one place a faster kernel can be swapped in: on CUDA,
-`GPT.enable_flex_attention()` gives the sliding-window layers cached FlexAttention block masks
-(`nanochat.attention_kernels`), and `attention()` uses them for full-length self-attention; SDPA stays
-the reference and the path for everything else. The output head and loss go through
+`GPT.set_window_kernel("cudnn" | "flex")` gives the sliding-window layers a kernel that skips the tiles
+outside the window (`nanochat.attention_kernels`), and `attention()` uses it for self-attention it
+accepts; SDPA stays the reference and the path for everything else. The output head and loss go through
 `nanochat.kernels.linear_cross_entropy` (`GPT.loss_kernel`: "native" or Liger's fused "liger").
 Meta-device construction: build under `torch.device("meta")`, then `model.to_empty(device=...)` and
 `model.init_weights()` (which also fills the rotary tables, buffers that are not saved in the state dict);
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention_kernels import flex_sliding_window_attention, sliding_window_block_mask
+from nanochat.attention_kernels import window_kernel
 from nanochat.kernels import linear_cross_entropy, use_kernel
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
@@ -93,6 +93,11 @@ class GPTConfig:
         pattern = pattern[:-1] + "L"
         return [None if kind == "L" else self.short_window for kind in pattern]
 
+    def windowed_layers(self) -> int:
+        """How many layers see fewer than all previous tokens at the training length (the ones a sliding-window
+        kernel speeds up)."""
+        return sum(window is not None and window < self.sequence_len - 1 for window in self.layer_windows())
+
 
 def attention_flops_per_token(config: GPTConfig) -> int:
     """Training FLOPs per token of the attention scores and the value mix (QK^T and AV, forward + backward).
@@ -145,16 +150,16 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None, device) 
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-              block_mask=None) -> torch.Tensor:
+              kernel=None) -> torch.Tensor:
     """Causal (optionally sliding-window) attention; q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D).
 
     The queries are the last Tq of the Tk key positions (Tq == Tk in training, Tq < Tk with a KV cache).
-    Hq may be a multiple of Hkv (grouped-query attention). `block_mask`: a FlexAttention BlockMask for
-    this window (`nanochat.attention_kernels`); used when its lengths are exactly (Tq, Tk).
+    Hq may be a multiple of Hkv (grouped-query attention). `kernel`: a sliding-window kernel for this
+    window (`nanochat.attention_kernels.window_kernel`), used when it accepts these tensors.
     """
     num_queries, num_keys = q.size(2), k.size(2)
-    if block_mask is not None and tuple(block_mask.seq_lengths) == (num_queries, num_keys):
-        return flex_sliding_window_attention(q, k, v, block_mask)
+    if kernel is not None and kernel.accepts(q, k):
+        return kernel(q, k, v)
     gqa = q.size(1) != k.size(1)
     sees_all_keys = window is None or window >= num_keys - 1
     if sees_all_keys and num_queries == num_keys:
@@ -177,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.block_mask = None  # FlexAttention mask for this layer's window, set by GPT.enable_flex_attention
+        self.window_kernel = None  # a faster kernel for this layer's window, set by GPT.set_window_kernel
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None):
         batch, tokens, _ = x.shape
@@ -188,7 +193,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(norm(k), cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        y = attention(q, k, v, self.window, None if kv_cache is not None else self.block_mask)
+        y = attention(q, k, v, self.window, None if kv_cache is not None else self.window_kernel)
         return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -256,22 +261,19 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_len, config.head_dim, device=device)
         self.cos, self.sin = cos, sin
 
-    def enable_flex_attention(self, enabled: bool = True) -> int:
-        """Give every sliding-window layer a FlexAttention block mask at the training length (or remove them).
+    def set_window_kernel(self, name: str) -> int:
+        """Give every sliding-window layer the named kernel: "cudnn", "flex" or "sdpa" (none: the reference).
 
-        Builds the masks eagerly on the model's device (call it before torch.compile); returns the number of
-        layers that now use FlexAttention. Full-window layers always keep SDPA's causal flash path.
+        Pick the name with `nanochat.attention_kernels.resolve_window_kernel`. FlexAttention block masks are
+        built here, on the model's device and at the training length, so call it before torch.compile.
+        Returns how many layers now use a kernel. Full-window layers always keep SDPA's causal path.
         """
-        device = self.lm_head.weight.device
-        count = 0
+        device, length = self.lm_head.weight.device, self.config.sequence_len
         for block in self.transformer.h:
             attn = block.attn
-            if enabled and attn.window is not None and attn.window < self.config.sequence_len - 1:
-                attn.block_mask = sliding_window_block_mask(self.config.sequence_len, attn.window, device)
-                count += 1
-            else:
-                attn.block_mask = None
-        return count
+            windowed = attn.window is not None and attn.window < length - 1
+            attn.window_kernel = window_kernel(name, length, attn.window, device) if windowed else None
+        return sum(block.attn.window_kernel is not None for block in self.transformer.h)
 
     def set_loss_kernel(self, kernel: str) -> None:
         """'native' (materialised float32 logits) or 'liger' (fused linear cross-entropy; UsageError if absent)."""

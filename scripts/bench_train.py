@@ -33,6 +33,7 @@ from typing import Literal, get_type_hints
 import torch
 import torch.distributed as dist
 
+from nanochat.attention_kernels import resolve_window_kernel
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.gpt import GPT
 from nanochat.gpu_site import apply_site_fixes
@@ -61,8 +62,9 @@ class BenchTrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     precision: Literal["bf16", "fp32", "fp8", "nvfp4"] = "bf16"
     kernel: Literal["native", "liger"] = field(default="native", metadata={"help": "loss kernel"})
-    attention: Literal["flex", "sdpa"] = field(default="flex", metadata={
-        "help": "sliding-window layers on CUDA: flex (FlexAttention block masks) or sdpa (dense mask)"})
+    attention: Literal["auto", "cudnn", "flex", "sdpa"] = field(default="auto", metadata={
+        "help": "sliding-window layers: cudnn (cudnn-frontend, the [gpu] extra), flex (FlexAttention), sdpa "
+                "(dense mask); auto: cudnn if it works here, else flex"})
     steps: int = field(default=10, metadata={"help": "timed optimizer steps"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation happens here)"})
     compile: bool = True
@@ -185,9 +187,11 @@ def _build(config: BenchTrainConfig, runtime, world: int):
                                 torch.cuda.get_device_name(runtime.device) if cuda else runtime.device_type,
                                 torch.cuda.get_device_capability(runtime.device) if cuda else (0, 0))
     model.set_loss_kernel(config.kernel)
-    flex_layers = model.enable_flex_attention(cuda and config.attention == "flex")
+    windowed = hp.model_config.windowed_layers() > 0
+    window_kernel = resolve_window_kernel(config.attention, runtime.device, config.head_dim) if windowed else "sdpa"
+    window_layers = model.set_window_kernel(window_kernel)
     optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5)
-    return hp, model, optimizer, precision, flex_layers
+    return hp, model, optimizer, precision, window_kernel, window_layers
 
 
 def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) -> dict:
@@ -196,8 +200,9 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
     torch.manual_seed(config.seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    hp, model, optimizer, precision, flex_layers = _build(config, runtime, world)
-    print0(runtime, f"[{config.label()}] {precision.describe()}; flex attention layers: {flex_layers}")
+    hp, model, optimizer, precision, window_kernel, window_layers = _build(config, runtime, world)
+    config = dataclasses.replace(config, attention=window_kernel)
+    print0(runtime, f"[{config.label()}] {precision.describe()}; {config.attention} window layers: {window_layers}")
     fullgraph = config.fullgraph and config.compile
     overlap = config.overlap and config.compile and world > 1
     if overlap:
@@ -291,7 +296,7 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         "config": config.label(), "depth": config.depth, "window_pattern": config.window_pattern,
         "device_batch_size": B, "grad_accum": config.grad_accum, "world_size": world,
         "precision": config.precision, "kernel": config.kernel, "attention": config.attention,
-        "flex_layers": flex_layers, "converted_layers": precision.converted_layers,
+        "window_layers": window_layers, "converted_layers": precision.converted_layers,
         "compile": config.compile, "fullgraph": fullgraph, "compile_note": compile_note, "overlap": overlap,
         "device": device_name, "params": hp.params.total, "flops_per_token": hp.flops_per_token,
         "tokens_per_step": tokens_per_step, "step_ms": 1000 * step_seconds, "tok_per_s": tok_per_s,
@@ -344,6 +349,8 @@ def main(config: BenchTrainConfig) -> int:
         autocast_precision(c.precision)
         require(runtime.device_type == "cuda" or c.precision in ("bf16", "fp32"),
                 f"--precision {c.precision} needs CUDA")
+        if c.attention != "auto":  # an --attention that cannot run here fails before any measurement
+            resolve_window_kernel(c.attention, runtime.device, c.head_dim)
     try:
         matmul = measure_matmul_flops(runtime.device) if runtime.device_type == "cuda" else None
         results = []

@@ -29,7 +29,7 @@ def test_bench_train_reports_each_configuration_with_losses_and_kernels(capsys):
         assert len(top) == 3 and any(row["name"].startswith("aten::") for row in top)
         assert top[0]["ms_per_step"] >= top[1]["ms_per_step"] >= top[2]["ms_per_step"]
     assert second["tokens_per_step"] == 2 * first["tokens_per_step"]
-    assert "operators" in out and "d1 L b2x2 bf16 native flex eager" in out
+    assert "operators" in out and "d1 L b2x2 bf16 native sdpa eager" in out
 
 
 @pytest.mark.parametrize("flag,message", [(["--window-pattern", "SX"], "--window-pattern"),
