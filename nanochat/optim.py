@@ -13,8 +13,9 @@ itself (so the model is never wrapped in DDP). AdamW gradients are all-reduced a
 replicated. Muon work is sharded: a Muon group's matrices (all of one shape) are split into contiguous
 chunks, rank r orthogonalises and updates only its chunk and keeps only that chunk's momentum, so on NCCL
 the group's gradients are reduce-scattered (each rank receives only its chunk: half the traffic of an
-all-reduce; gloo, which lacks it, all-reduces), then the updated matrices are all-gathered so every rank
-holds identical weights. Every reduction starts asynchronously at the top of `step()`, each group waits
+all-reduce; gloo, which lacks it, all-reduces), then the updates are all-gathered (in bfloat16 on GPU, the
+precision Newton-Schulz computed them in) and every rank applies all of them, so every rank holds identical
+weights. Every reduction starts asynchronously at the top of `step()`, Muon groups first, each group waits
 only for its own, and each group's all-gather runs while the next groups compute; on NCCL the reductions
 average (ReduceOp.AVG), on gloo they sum and divide. Optimizer state is therefore per rank: save it per
 rank and resume with the same world size. The result equals one process stepping on the whole batch, up to
@@ -53,13 +54,18 @@ class OptimizerFlags:
                 "weight_decay": self.weight_decay}
 
 
-def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def newton_schulz_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype Newton-Schulz works in: bfloat16 on GPU (fast, and the iteration tolerates it), else float32."""
+    return torch.bfloat16 if tensor.is_cuda else torch.float32
+
+
+def newton_schulz(grad: torch.Tensor, steps: int = 5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately orthogonalise a matrix (or a batch of them): U V^T of its SVD, singular values ~1.
 
-    Runs in bfloat16 on GPU (fast, and the iteration tolerates it) and float32 elsewhere.
+    Works in `newton_schulz_dtype(grad)`; returns `out_dtype` (default grad's dtype).
     """
     a, b, c = NEWTON_SCHULZ_COEFFS
-    x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
+    x = grad.to(newton_schulz_dtype(grad))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
@@ -73,7 +79,7 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
     x = x if batched else x.squeeze(0)
     if transposed:
         x = x.mT
-    return x.to(grad.dtype)
+    return x.to(out_dtype or grad.dtype)
 
 
 def _nccl() -> bool:
@@ -153,14 +159,18 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         rank, world = _rank_and_world()
         reductions = self._backward_reductions
+        # Muon groups first: their reductions lead the queue, so the Newton-Schulz work (most of a step's
+        # optimizer time) starts as early as it can; the AdamW groups' all-reduces follow and their cheap
+        # element-wise updates run while the Muon updates are being gathered.
+        groups = sorted(self.param_groups, key=lambda group: group["kind"] != "muon")
         if reductions is not None and reductions.launched:
             reductions.finish()
-            pending = [self._reduced_in_backward(group, rank, world) for group in self.param_groups]
+            pending = [self._reduced_in_backward(group, rank, world) for group in groups]
         else:
-            pending = [self._reduce_gradients(group, world) for group in self.param_groups]
+            pending = [self._reduce_gradients(group, world) for group in groups]
         self.reduce_in_backward = False
         gathers = []
-        for group, (grads, handles) in zip(self.param_groups, pending):
+        for group, (grads, handles) in zip(groups, pending):
             for handle in handles:
                 handle.wait()
             if world > 1 and not _nccl():  # NCCL averaged already (ReduceOp.AVG); gloo only sums
@@ -170,12 +180,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._adamw_step(group, grads)
             else:
                 gathers.append(self._muon_step(group, grads[0], rank, world))
-        # The weight all-gathers ran while later groups computed; copy the gathered weights in at the end.
+        # The update all-gathers ran while later groups computed; every rank applies every update at the end.
         for gathered in filter(None, gathers):
-            params, everything, handle = gathered
+            group, updates, handle = gathered
             if handle is not None:
                 handle.wait()
-            torch._foreach_copy_(params, list(everything[:len(params)].unbind(0)))
+            self._apply_muon_updates(group, group["params"], updates[:len(group["params"])])
         return loss
 
     def _reduced_in_backward(self, group: dict, rank: int, world: int) -> tuple[list[torch.Tensor], list]:
@@ -247,19 +257,21 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avgs, denoms, -lr / bias_correction1)
 
     def _muon_step(self, group: dict, grads: torch.Tensor, rank: int, world: int):
-        """Update this rank's chunk of the group's matrices with one batched Newton-Schulz call, then
-        (distributed) start sharing the new weights. `grads` is this rank's chunk (reduce-scattered on NCCL)
-        or the whole stacked group (one process, or gloo, which has no reduce-scatter).
+        """Orthogonalise this rank's chunk of the group's matrices with one batched Newton-Schulz call, then
+        apply the updates (one process) or start sharing them (distributed). `grads` is this rank's chunk
+        (reduce-scattered on NCCL) or the whole stacked group (one process, or gloo: no reduce-scatter).
 
-        Returns None on one process, else (params, gathered weights, async handle or None): the caller
-        waits and copies the gathered weights into the parameters."""
+        Distributed, the updates travel in Newton-Schulz's own dtype (bfloat16 on GPU: half the bytes of
+        float32 weights, and exact, since that is the precision they were computed in) and every rank applies
+        all of them, so the weights stay identical. Returns None on one process, else (group, gathered
+        updates, async handle or None) for the caller to wait on and apply."""
         params = group["params"]
         chunk = -(-len(params) // world)
         mine = grads if grads.size(0) == chunk else grads[rank * chunk:(rank + 1) * chunk]
         owned = range(rank * chunk, min((rank + 1) * chunk, len(params)))
-        rows, cols = params[0].shape
-        scale = max(1.0, rows / cols) ** 0.5
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        # one process applies its own float32 updates; ranks share them in the dtype they were computed in
+        update_dtype = newton_schulz_dtype(params[0]) if world > 1 else params[0].dtype
+        updates = None
         if len(owned) > 0:
             owned_params = [params[i] for i in owned]
             for p in owned_params:
@@ -267,22 +279,32 @@ class MuonAdamW(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             buffers = [self.state[p]["momentum_buffer"] for p in owned_params]
             owned_grads = mine[:len(owned)]
+            momentum = group["momentum"]
             torch._foreach_lerp_(buffers, list(owned_grads.unbind(0)), 1 - momentum)
             stacked_buffers = torch.stack(buffers)
             directions = owned_grads.lerp(stacked_buffers, momentum) if group["nesterov"] else stacked_buffers
-            updates = newton_schulz(directions, group["ns_steps"])
-            if weight_decay:
-                torch._foreach_mul_(owned_params, 1 - lr * weight_decay)
-            torch._foreach_add_(owned_params, list(updates.unbind(0)), alpha=-lr * scale)
+            updates = newton_schulz(directions, group["ns_steps"], out_dtype=update_dtype)
         if world == 1:
+            self._apply_muon_updates(group, params, updates)
             return None
-        for slot, index in enumerate(owned):
-            mine[slot].copy_(params[index])
-        everything = torch.empty((chunk * world, rows, cols), dtype=mine.dtype, device=mine.device)
+        rows, cols = params[0].shape
+        mine_updates = torch.zeros((chunk, rows, cols), dtype=update_dtype, device=params[0].device)
+        if updates is not None:
+            mine_updates[:len(owned)].copy_(updates)
+        everything = torch.empty((chunk * world, rows, cols), dtype=update_dtype, device=params[0].device)
         if _nccl():
-            return params, everything, dist.all_gather_into_tensor(everything, mine.contiguous(), async_op=True)
-        dist.all_gather(list(everything.chunk(world)), mine.contiguous())
-        return params, everything, None
+            return group, everything, dist.all_gather_into_tensor(everything, mine_updates, async_op=True)
+        dist.all_gather(list(everything.chunk(world)), mine_updates)
+        return group, everything, None
+
+    @staticmethod
+    def _apply_muon_updates(group: dict, params: list[torch.Tensor], updates: torch.Tensor) -> None:
+        """Decoupled weight decay, then params -= lr * max(1, rows/cols) ** 0.5 * update."""
+        rows, cols = params[0].shape
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
 class _BackwardReductions:
