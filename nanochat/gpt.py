@@ -299,13 +299,12 @@ class GPT(nn.Module):
         return float(6 * (counts["matrices"] + counts["lm_head"]) + attention_flops_per_token(self.config))
 
     def setup_optimizer(self, unembedding_lr: float, embedding_lr: float, matrix_lr: float, scalar_lr: float,
-                        weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
-                        reduce_dtype: torch.dtype | None = None) -> MuonAdamW:
+                        weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95)) -> MuonAdamW:
         """Muon for the 2-D matrices inside blocks (one group per shape), AdamW for wte, lm_head, scalars.
 
         The embedding and unembedding AdamW learning rates are multiplied by (n_embd / 768) ** -0.5
         (`adamw_lr_scale`), as nanochat does; the scalar learning rate is used as given. Weight decay is
-        decoupled and applies to the Muon matrices only. `reduce_dtype`: see `MuonAdamW`.
+        decoupled and applies to the Muon matrices only.
         """
         lr_scale = adamw_lr_scale(self.config.n_embd)
         matrices_by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
@@ -320,7 +319,7 @@ class GPT(nn.Module):
         for shape in sorted(matrices_by_shape):
             groups.append(dict(params=matrices_by_shape[shape], kind="muon", lr=matrix_lr,
                                weight_decay=weight_decay))
-        return MuonAdamW(groups, reduce_dtype=reduce_dtype)
+        return MuonAdamW(groups)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean") -> torch.Tensor:

@@ -100,14 +100,8 @@ class MuonAdamW(torch.optim.Optimizer):
     every parameter of a Muon group must be a 2-D matrix of the group's one shape.
     """
 
-    def __init__(self, param_groups, reduce_dtype: torch.dtype | None = None):
-        """`reduce_dtype`: send the Muon groups' gradients across ranks in this dtype (torch.bfloat16 halves most
-        of a step's gradient bytes at the cost of rounding them; Newton-Schulz works in bfloat16 anyway and its
-        output does not depend on the gradient's scale). None, the default, sends them as they are; AdamW
-        gradients always are (AdamW's normalised update turns rounding of near-cancelling gradients into
-        whole-step differences). Reductions in `step()` only: `overlap_reductions` refuses it."""
+    def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
-        self.reduce_dtype = reduce_dtype
         # Set by the trainer before each backward: True for the last micro-step of an optimizer step, when
         # gradients are final and `overlap_reductions` hooks may send them. Ignored without those hooks.
         self.reduce_in_backward = False
@@ -120,9 +114,6 @@ class MuonAdamW(torch.optim.Optimizer):
         needs. AdamW gradients are all-reduced, each Muon matrix's gradient is reduced to the rank that
         updates it. Only backward passes run with `reduce_in_backward` True send anything; a step with
         none falls back to reducing in `step()`."""
-        if self.reduce_dtype is not None:
-            raise ValueError("reduce_dtype applies to the reductions in step(); reducing during backward sends "
-                             "gradients as they are: use one or the other")
         rank, world = _rank_and_world()
         if world == 1:
             return False
@@ -179,9 +170,12 @@ class MuonAdamW(torch.optim.Optimizer):
             pending = [self._reduce_gradients(group, world) for group in groups]
         self.reduce_in_backward = False
         gathers = []
-        for group, reduction in zip(groups, pending):
-            # NCCL averaged already (ReduceOp.AVG); gloo only sums
-            grads = reduction.wait(divide_by=world if world > 1 and not _nccl() else 1)
+        for group, (grads, handles) in zip(groups, pending):
+            for handle in handles:
+                handle.wait()
+            if world > 1 and not _nccl():  # NCCL averaged already (ReduceOp.AVG); gloo only sums
+                for grad in grads:
+                    grad.div_(world)
             if group["kind"] == "adamw":
                 self._adamw_step(group, grads)
             else:
@@ -194,55 +188,46 @@ class MuonAdamW(torch.optim.Optimizer):
             self._apply_muon_updates(group, group["params"], updates[:len(group["params"])])
         return loss
 
-    def _reduced_in_backward(self, group: dict, rank: int, world: int) -> _PendingReduction:
-        """This group's gradients as `_reduce_gradients` gives them, after `_BackwardReductions.finish`:
+    def _reduced_in_backward(self, group: dict, rank: int, world: int) -> tuple[list[torch.Tensor], list]:
+        """This group's gradients as `_reduce_gradients` returns them, after `_BackwardReductions.finish`:
         AdamW the .grad tensors, Muon this rank's chunk stacked (zeros past the last matrix)."""
         if group["kind"] == "adamw":
-            return _PendingReduction([p.grad for p in group["params"]])
+            return [p.grad for p in group["params"]], []
         params = group["params"]
         chunk = -(-len(params) // world)
         mine = torch.zeros((chunk, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
         owned = params[rank * chunk:(rank + 1) * chunk]
         if owned:
             torch.stack([p.grad for p in owned], out=mine[:len(owned)])
-        return _PendingReduction([mine])
+        return [mine], []
 
-    def _reduce_gradients(self, group: dict, world: int) -> _PendingReduction:
-        """Start averaging this group's gradients across ranks (asynchronously; Muon's in `reduce_dtype` if set).
+    def _reduce_gradients(self, group: dict, world: int) -> tuple[list[torch.Tensor], list]:
+        """Start averaging this group's gradients across ranks; return the tensors and the async handles.
 
-        The gradients the update reads: AdamW the parameters' own .grad tensors (parameters without a gradient
-        are skipped); Muon one stacked tensor (padded to a multiple of the world size, a missing gradient
-        counting as zero), or on NCCL only this rank's chunk of it.
+        AdamW: the parameters' own .grad tensors (parameters without a gradient are skipped). Muon: one
+        stacked (padded to a multiple of the world size) tensor, a missing gradient counting as zero.
         """
-        distributed = world > 1
         if group["kind"] == "adamw":
             grads = [p.grad for p in group["params"] if p.grad is not None]
-            if not distributed:
-                return _PendingReduction(grads)
-            op = dist.ReduceOp.AVG if _nccl() else dist.ReduceOp.SUM
-            return _PendingReduction(grads, [dist.all_reduce(g, op=op, async_op=True) for g in grads])
-        params = group["params"]
-        padded = -(-len(params) // world) * world
-        dtype = (self.reduce_dtype if distributed else None) or params[0].dtype
-        stacked = torch.empty((padded, *params[0].shape), dtype=dtype, device=params[0].device)
-        if all(p.grad is not None for p in params):
-            torch.stack([p.grad for p in params], out=stacked[:len(params)])
-            stacked[len(params):].zero_()
         else:
-            stacked.zero_()
-            for i, p in enumerate(params):
-                if p.grad is not None:
-                    stacked[i].copy_(p.grad)
-        if not distributed:
-            return _PendingReduction([stacked])
-        if _nccl():
-            sent = torch.empty((padded // world, *params[0].shape), dtype=dtype, device=stacked.device)
-            handle = dist.reduce_scatter_tensor(sent, stacked, op=dist.ReduceOp.AVG, async_op=True)
-        else:
-            sent, handle = stacked, dist.all_reduce(stacked, op=dist.ReduceOp.SUM, async_op=True)
-        if dtype == params[0].dtype:
-            return _PendingReduction([sent], [handle])
-        return _PendingReduction([torch.empty_like(sent, dtype=params[0].dtype)], [handle], [sent])
+            params = group["params"]
+            padded = -(-len(params) // world) * world
+            stacked = torch.empty((padded, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            if all(p.grad is not None for p in params):
+                torch.stack([p.grad for p in params], out=stacked[:len(params)])
+                stacked[len(params):].zero_()
+            else:
+                stacked.zero_()
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        stacked[i].copy_(p.grad)
+            if world > 1 and _nccl():
+                mine = torch.empty((padded // world, *params[0].shape), dtype=stacked.dtype, device=stacked.device)
+                return [mine], [dist.reduce_scatter_tensor(mine, stacked, op=dist.ReduceOp.AVG, async_op=True)]
+            grads = [stacked]
+        op = dist.ReduceOp.AVG if _nccl() else dist.ReduceOp.SUM
+        handles = [dist.all_reduce(g, op=op, async_op=True) for g in grads] if world > 1 else []
+        return grads, handles
 
     def _adamw_step(self, group: dict, grads: list[torch.Tensor]) -> None:
         """One AdamW step for the whole group with foreach kernels (a few launches instead of ~10 per tensor)."""
@@ -320,26 +305,6 @@ class MuonAdamW(torch.optim.Optimizer):
         if weight_decay:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
         torch._foreach_add_(params, list(updates.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
-
-
-class _PendingReduction:
-    """One group's gradients on their way across ranks: `wait()` returns the tensors the update reads.
-
-    `sent`: the tensors being reduced when they differ from the ones read (a `reduce_dtype` copy); they are
-    copied back, casting, once the reduction is done.
-    """
-
-    def __init__(self, grads: list[torch.Tensor], handles: list | None = None, sent: list[torch.Tensor] | None = None):
-        self.grads, self.handles, self.sent = grads, handles or [], sent
-
-    def wait(self, divide_by: int = 1) -> list[torch.Tensor]:
-        for handle in self.handles:
-            handle.wait()
-        if self.sent is not None:
-            torch._foreach_copy_(self.grads, self.sent)
-        if divide_by > 1:
-            torch._foreach_div_(self.grads, divide_by)
-        return self.grads
 
 
 class _BackwardReductions:

@@ -83,8 +83,6 @@ class BaseTrainConfig(OptimizerFlags):
     attention: Literal["auto", "cudnn", "flex", "sdpa"] = field(default="auto", metadata={
         "help": "sliding-window layers: cudnn (cudnn-frontend, the [gpu] extra), flex (FlexAttention), sdpa "
                 "(dense mask); auto: cudnn if it works here, else flex (CUDA) or sdpa"})
-    reduce_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={
-        "help": "multi-GPU: dtype the gradients cross GPUs in (bf16: half the bytes, rounded gradients)"})
     overlap: bool = field(default=False, metadata={
         "help": "multi-GPU with compile: compile block by block and reduce gradients during backward (slower "
                 "on NVLink H200s, see docs/benchmarks.md; for slower links)"})
@@ -102,8 +100,6 @@ class BaseTrainConfig(OptimizerFlags):
         require(0 <= self.warmup_ratio <= 1 and 0 <= self.warmdown_ratio <= 1
                 and self.warmup_ratio + self.warmdown_ratio <= 1,
                 "--warmup-ratio and --warmdown-ratio must be in [0, 1] and add up to at most 1")
-        require(not (self.overlap and self.reduce_dtype == "bf16"),
-                "--overlap sends gradients as they are; drop --overlap or --reduce-dtype bf16")
         if self.model_tag is None:
             self.model_tag = f"d{self.depth}"
 
@@ -188,8 +184,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     if hp.model_config.windowed_layers():
         window_kernel = resolve_window_kernel(config.attention, device, hp.model_config.head_dim)
         print0(runtime, f"{window_kernel} attention on {model.set_window_kernel(window_kernel)} sliding-window layers")
-    optimizer = model.setup_optimizer(**config.optimizer_kwargs(),
-                                      reduce_dtype=torch.bfloat16 if config.reduce_dtype == "bf16" else None)
+    optimizer = model.setup_optimizer(**config.optimizer_kwargs())
     token_bytes = load_token_bytes(tokenizer_dir()).to(device)
     train_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.int64, device=device)
     loop = {"step": 0, "training_seconds": 0.0, "tokens_seen": 0, "smooth_loss": 0.0,

@@ -70,8 +70,6 @@ class BenchTrainConfig:
     compile: bool = True
     fullgraph: bool = field(default=True, metadata={
         "help": "compile with fullgraph=True (falls back to graph breaks allowed, and says so)"})
-    reduce_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={
-        "help": "multi-GPU: dtype the gradients cross GPUs in (bf16: half the bytes, rounded gradients)"})
     overlap: bool = field(default=False, metadata={
         "help": "multi-GPU: compile block by block and reduce gradients during backward (slower on NVLink "
                 "H200s; for slower links)"})
@@ -91,13 +89,10 @@ class BenchTrainConfig:
         require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
                 f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
         autocast_precision(self.precision)
-        require(not (self.overlap and self.reduce_dtype == "bf16"),
-                "--overlap sends gradients as they are; drop --overlap or --reduce-dtype bf16")
 
     def label(self) -> str:
         return (f"d{self.depth} {self.window_pattern} b{self.device_batch_size}x{self.grad_accum} {self.precision} "
-                f"{self.kernel} {self.attention}{'' if self.compile else ' eager'}"
-                f"{' grads-bf16' if self.reduce_dtype == 'bf16' else ''}")
+                f"{self.kernel} {self.attention}{'' if self.compile else ' eager'}")
 
 
 def expand_configs(base: BenchTrainConfig) -> list[BenchTrainConfig]:
@@ -195,8 +190,7 @@ def _build(config: BenchTrainConfig, runtime, world: int):
     windowed = hp.model_config.windowed_layers() > 0
     window_kernel = resolve_window_kernel(config.attention, runtime.device, config.head_dim) if windowed else "sdpa"
     window_layers = model.set_window_kernel(window_kernel)
-    optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                                      reduce_dtype=torch.bfloat16 if config.reduce_dtype == "bf16" else None)
+    optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5)
     return hp, model, optimizer, precision, window_kernel, window_layers
 
 
@@ -304,7 +298,6 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         "precision": config.precision, "kernel": config.kernel, "attention": config.attention,
         "window_layers": window_layers, "converted_layers": precision.converted_layers,
         "compile": config.compile, "fullgraph": fullgraph, "compile_note": compile_note, "overlap": overlap,
-        "reduce_dtype": config.reduce_dtype,
         "device": device_name, "params": hp.params.total, "flops_per_token": hp.flops_per_token,
         "tokens_per_step": tokens_per_step, "step_ms": 1000 * step_seconds, "tok_per_s": tok_per_s,
         "mfu_datasheet": per_gpu / peak.flops if peak else None,

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import MUON_DEFAULTS, MuonAdamW, newton_schulz
+from nanochat.optim import MuonAdamW, newton_schulz
 
 VOCAB = 41
 LRS = dict(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, scalar_lr=0.05, weight_decay=0.01)
@@ -177,12 +177,10 @@ def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         model = tiny_model(n_layer=2)
-        optimizer = model.setup_optimizer(**LRS, reduce_dtype=torch.bfloat16 if mode == "reduce-bf16" else None)
+        optimizer = model.setup_optimizer(**LRS)
         rows_per_rank = 4 // world_size
         rows = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
-        if mode == "grad-dtype":
-            record_momentum_of_reduced_gradient(model, optimizer, f"{out_dir}/rank{rank}_grad.pt")
-        if mode in ("reduce-in-step", "reduce-bf16"):
+        if mode == "reduce-in-step":
             train_steps(model, optimizer, range(3), rows=rows)
         else:
             assert optimizer.overlap_reductions(model.backward_order())
@@ -192,27 +190,6 @@ def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str
         dist.destroy_process_group()
 
 
-def record_momentum_of_reduced_gradient(model: GPT, optimizer: MuonAdamW, path: str) -> None:
-    """Step once with a gradient bfloat16 cannot hold (1 + 2^-10 everywhere) and zero learning rates, first
-    as sent, then with `reduce_dtype` bfloat16; save this rank's Muon momentum buffers (a fraction of the
-    averaged gradient) and an AdamW gradient after each."""
-    seen = {}
-    for reduce_dtype in (None, torch.bfloat16):
-        optimizer.reduce_dtype = reduce_dtype
-        optimizer.state.clear()
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0
-        for param in model.parameters():
-            param.grad = torch.full_like(param, 1 + 2 ** -10)
-        optimizer.step()
-        seen[str(reduce_dtype)] = {
-            "muon": [state["momentum_buffer"].clone() for state in optimizer.state.values() if "momentum_buffer" in state],
-            "adamw": model.lm_head.weight.grad.clone()}
-        optimizer.zero_grad(set_to_none=True)
-    optimizer.reduce_dtype = None
-    torch.save(seen, path)
-
-
 def test_backward_order_lists_every_parameter_once():
     model = tiny_model(n_layer=2)
     order = model.backward_order()
@@ -220,38 +197,6 @@ def test_backward_order_lists_every_parameter_once():
     assert order[0] is model.lm_head.weight and order[-3] is model.transformer.wte.weight
     optimizer = model.setup_optimizer(**LRS)
     assert optimizer.overlap_reductions(order) is False  # one process: nothing to reduce, no hooks
-
-
-def test_reduce_dtype_is_refused_with_reductions_during_backward():
-    model = tiny_model()
-    optimizer = model.setup_optimizer(**LRS, reduce_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="use one or the other"):
-        optimizer.overlap_reductions(model.backward_order())
-
-
-def test_two_process_gloo_bf16_reduction_rounds_muon_gradients_only(tmp_path):
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path), "grad-dtype"), nprocs=2,
-             join=True)
-    fraction = 1 - MUON_DEFAULTS["momentum"]
-    for rank in (0, 1):
-        seen = torch.load(tmp_path / f"rank{rank}_grad.pt")
-        for dtype, gradient in (("None", 1 + 2 ** -10), (str(torch.bfloat16), 1.0)):  # 1 + 2^-10 rounds to 1
-            assert seen[dtype]["muon"], "every rank owns some Muon matrices"
-            for buffer in seen[dtype]["muon"]:
-                torch.testing.assert_close(buffer, torch.full_like(buffer, fraction * gradient), rtol=0, atol=1e-7)
-            assert torch.all(seen[dtype]["adamw"] == 1 + 2 ** -10)  # AdamW gradients always travel as they are
-
-
-def test_two_process_gloo_bf16_reduction_stays_close_to_single_process(tmp_path):
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path), "reduce-bf16"), nprocs=2,
-             join=True)
-    single = tiny_model(n_layer=2)
-    optimizer = single.setup_optimizer(**LRS)
-    train_steps(single, optimizer, range(3))
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for name, expected in single.state_dict().items():
-        assert torch.equal(rank0[name], rank1[name]), name
-        assert ((rank0[name] - expected).norm() / expected.norm()).item() < 2e-3, name
 
 
 @pytest.mark.parametrize("mode", ["reduce-in-step", "overlap", "overlap-2-micro"])
