@@ -185,7 +185,7 @@ class MuonAdamW(torch.optim.Optimizer):
             group, updates, handle = gathered
             if handle is not None:
                 handle.wait()
-            self._apply_muon_updates(group, group["params"], updates[:len(group["params"])])
+            self._apply_muon_updates(group, updates[:len(group["params"])])
         return loss
 
     def _reduced_in_backward(self, group: dict, rank: int, world: int) -> tuple[list[torch.Tensor], list]:
@@ -285,7 +285,7 @@ class MuonAdamW(torch.optim.Optimizer):
             directions = owned_grads.lerp(stacked_buffers, momentum) if group["nesterov"] else stacked_buffers
             updates = newton_schulz(directions, group["ns_steps"], out_dtype=update_dtype)
         if world == 1:
-            self._apply_muon_updates(group, params, updates)
+            self._apply_muon_updates(group, updates)
             return None
         rows, cols = params[0].shape
         mine_updates = torch.zeros((chunk, rows, cols), dtype=update_dtype, device=params[0].device)
@@ -298,8 +298,9 @@ class MuonAdamW(torch.optim.Optimizer):
         return group, everything, None
 
     @staticmethod
-    def _apply_muon_updates(group: dict, params: list[torch.Tensor], updates: torch.Tensor) -> None:
-        """Decoupled weight decay, then params -= lr * max(1, rows/cols) ** 0.5 * update."""
+    def _apply_muon_updates(group: dict, updates: torch.Tensor) -> None:
+        """Decoupled weight decay on every matrix of the group, then each -= lr * max(1, rows/cols) ** 0.5 * update."""
+        params = group["params"]
         rows, cols = params[0].shape
         lr, weight_decay = group["lr"], group["weight_decay"]
         if weight_decay:
