@@ -27,6 +27,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import train_tokenizer
 from scripts import chat_cli
 from scripts.chat_web import ChatLimits, SamplingDefaults, create_app
+from tests.fixtures.models import random_gpt
 
 VOCAB = 300
 TEXT = "The quick brown fox {i} jumps over the lazy dog; 2+2=4. Café naïve 日本語 {i}!"
@@ -40,19 +41,14 @@ def tokenizer():
 def chatty_model(tokenizer, seed: int = 0) -> GPT:
     """A random tiny GPT that writes printable ASCII and (practically) never a special token."""
     config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
+    model = random_gpt(config, seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and name != "transformer.wte.weight":
-                param.normal_(0.0, param.size(1) ** -0.5)
         ascii_rows = [i for i in range(VOCAB) if not tokenizer.is_special(i)
                       and all(32 <= b < 127 for b in tokenizer.token_to_bytes(i))]
         weight = torch.zeros_like(model.lm_head.weight)
         weight[ascii_rows] = torch.randn(len(ascii_rows), config.n_embd)
         model.lm_head.weight.copy_(weight)
-    return model.eval()
+    return model
 
 
 class ScriptedModel(nn.Module):
