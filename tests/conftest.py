@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter on CPU tensors. The choice must be made before
+# triton is first imported: its own library functions are decorated at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session-scoped SLURM test cluster)
 

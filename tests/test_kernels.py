@@ -59,6 +59,65 @@ def test_native_kernel_matches_softcapped_reference_with_ignored_targets(reducti
         assert got.shape == (15,) and torch.all(got.view(3, 5)[0, :2] == 0)
 
 
+def weighted_total(loss):
+    """A scalar from a loss of any reduction, weighting per-token losses unevenly (as RL does)."""
+    if loss.dim() == 0:
+        return 0.7 * loss
+    return (loss * torch.linspace(0.1, 1.5, loss.numel(), dtype=loss.dtype)).sum()
+
+
+def reference_gradients(hidden, weight, targets, cap, reduction):
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    weight64 = weight.detach().double().requires_grad_(True)
+    loss = reference_loss(hidden64, weight64, targets, cap, reduction)
+    return loss.detach(), *torch.autograd.grad(weighted_total(loss), [hidden64, weight64])
+
+
+def ignored_targets_case(vocab=40, shape=(3, 5), dim=16):
+    torch.manual_seed(0)
+    hidden = torch.randn(*shape, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, shape)
+    targets[0, :2] = -1
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_native_gradients_match_reference_with_ignored_targets(reduction, compiled):
+    hidden, weight, targets = ignored_targets_case()
+    loss_fn = torch.compile(linear_cross_entropy, fullgraph=True) if compiled else linear_cross_entropy
+    loss = loss_fn(hidden, weight, targets, 2.0, reduction)
+    grads = torch.autograd.grad(weighted_total(loss), [hidden, weight])
+    expected_loss, *expected_grads = reference_gradients(hidden, weight, targets, 2.0, reduction)
+    assert torch.allclose(loss.detach().double(), expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_training_losses_compute_the_logit_gradient_in_the_forward_pass(reduction):
+    hidden, weight, targets = ignored_targets_case()
+    assert "EarlyGradient" in type(linear_cross_entropy(hidden, weight, targets, 2.0, reduction).grad_fn).__name__
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, targets, 2.0, reduction).grad_fn is None
+    frozen = linear_cross_entropy(hidden.detach(), weight.detach(), targets, 2.0, reduction)
+    assert frozen.grad_fn is None
+
+
+def test_native_gradients_under_bf16_autocast_keep_the_parameter_dtypes():
+    hidden, weight, targets = ignored_targets_case(vocab=256, shape=(4, 32), dim=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, 15.0, "mean")
+    grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight])
+    assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
+    expected_loss, *expected = reference_gradients(hidden, weight, targets, 15.0, "mean")
+    expected = [grad / 0.7 for grad in expected]
+    assert abs(loss.item() - expected_loss.item()) < 2e-2 * expected_loss.item()
+    for got, want in zip((grad_hidden, grad_weight), expected):
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_gpt_forward_uses_the_selected_kernel(monkeypatch):
     calls = []
 
@@ -77,6 +136,24 @@ def test_gpt_forward_uses_the_selected_kernel(monkeypatch):
     idx = torch.randint(0, 16, (2, 8))
     assert model(idx, idx, loss_reduction="none").shape == (2, 8)
     assert calls == [("liger", 7.0, "none")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_native_bf16_compiled_loss_and_gradients_match_reference_on_cuda():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 512, 256, device="cuda", requires_grad=True)
+    weight = (torch.randn(8192, 256, device="cuda") * 0.05).requires_grad_(True)
+    targets = torch.randint(0, 8192, (4, 512), device="cuda")
+    targets[:, :37] = -1
+    loss_fn = torch.compile(linear_cross_entropy, fullgraph=True, dynamic=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(hidden, weight, targets, 15.0, "mean")
+    grads = torch.autograd.grad(weighted_total(loss), [hidden, weight])
+    expected_loss, *expected = reference_gradients(hidden, weight, targets, 15.0, "mean")
+    assert abs(loss.item() - expected_loss.item()) < 2e-3 * expected_loss.item()
+    for got, want in zip(grads, expected):
+        assert got.dtype == torch.float32
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
 
 
 @needs_liger
