@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from nanochat.configargs import UsageError
 
 WINDOW_KERNELS = ("auto", "cudnn", "flex", "sdpa")
+ATTENTION_FLAG_HELP = ("sliding-window layers: cudnn (cudnn-frontend, the [gpu] extra), flex (FlexAttention, rows "
+                       "of the model's full length only), sdpa (dense mask); auto: cudnn if it works here, else "
+                       "flex (CUDA) or sdpa")
 # The probe that checks the cuDNN kernel against the dense-mask reference before it is trusted.
 _PROBE_LENGTH, _PROBE_WINDOW, _PROBE_TOLERANCE = 256, 37, 2e-2
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention_kernels import window_kernel
+from nanochat.attention_kernels import resolve_window_kernel, window_kernel
 from nanochat.kernels import linear_cross_entropy, use_kernel
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
@@ -274,6 +274,16 @@ class GPT(nn.Module):
             windowed = attn.window is not None and attn.window < length - 1
             attn.window_kernel = window_kernel(name, length, attn.window, device) if windowed else None
         return sum(block.attn.window_kernel is not None for block in self.transformer.h)
+
+    def choose_window_kernel(self, requested: str) -> str | None:
+        """Resolve an `--attention` choice ("auto", "cudnn", "flex", "sdpa") for this model on its device and
+        install it (`set_window_kernel`). Returns the line to log, or None for a model without sliding-window
+        layers (nothing is resolved then). Raises UsageError for a kernel that cannot run here."""
+        if not self.config.windowed_layers():
+            return None
+        name = resolve_window_kernel(requested, self.lm_head.weight.device, self.config.head_dim)
+        self.set_window_kernel(name)
+        return f"attention kernel of the {self.config.windowed_layers()} sliding-window layers: {name}"
 
     def set_loss_kernel(self, kernel: str) -> None:
         """'native' (materialised float32 logits) or 'liger' (fused linear cross-entropy; UsageError if absent)."""

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ckpt
+from nanochat.attention_kernels import ATTENTION_FLAG_HELP
 from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError, require
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -67,6 +68,8 @@ class FinetuneConfig(OptimizerFlags):
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
+    attention: Literal["auto", "cudnn", "flex", "sdpa"] = field(default="auto", metadata={
+        "help": ATTENTION_FLAG_HELP})
 
     def __post_init__(self) -> None:
         for name in ("device_batch_size", "eval_batches"):
@@ -202,6 +205,9 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
         model_state, optim_state, meta = ckpt.load_checkpoint(out_dir, start_step, device, rank=runtime.rank)
     model = _build_model(job.model_config, model_state, device)
     del model_state
+    window_line = model.choose_window_kernel(config.attention)
+    if window_line:
+        print0(runtime, window_line)
     model.train()
     optimizer = model.setup_optimizer(**config.optimizer_kwargs(config.lr_scale))
     for group in optimizer.param_groups:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from nanochat import checkpoint as ckpt
-from nanochat.attention_kernels import resolve_window_kernel
+from nanochat.attention_kernels import ATTENTION_FLAG_HELP
 from nanochat.configargs import (
     EXIT_DIVERGED,
     EXIT_OK,
@@ -81,8 +81,7 @@ class BaseTrainConfig(OptimizerFlags):
         "help": "loss kernel: native, or liger (fused linear cross-entropy, pip install -e '.[gpu]')"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model (default: on for CUDA)"})
     attention: Literal["auto", "cudnn", "flex", "sdpa"] = field(default="auto", metadata={
-        "help": "sliding-window layers: cudnn (cudnn-frontend, the [gpu] extra), flex (FlexAttention), sdpa "
-                "(dense mask); auto: cudnn if it works here, else flex (CUDA) or sdpa"})
+        "help": ATTENTION_FLAG_HELP})
     overlap: bool = field(default=False, metadata={
         "help": "multi-GPU with compile: compile block by block and reduce gradients during backward (slower "
                 "on NVLink H200s, see docs/benchmarks.md; for slower links)"})
@@ -181,9 +180,9 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
                                 torch.cuda.get_device_capability(device) if cuda else (0, 0))
     print0(runtime, precision.describe())
     model.set_loss_kernel(config.kernel)
-    if hp.model_config.windowed_layers():
-        window_kernel = resolve_window_kernel(config.attention, device, hp.model_config.head_dim)
-        print0(runtime, f"{window_kernel} attention on {model.set_window_kernel(window_kernel)} sliding-window layers")
+    window_line = model.choose_window_kernel(config.attention)
+    if window_line:
+        print0(runtime, window_line)
     optimizer = model.setup_optimizer(**config.optimizer_kwargs())
     token_bytes = load_token_bytes(tokenizer_dir()).to(device)
     train_counts = torch.zeros(tokenizer.vocab_size, dtype=torch.int64, device=device)

@@ -183,3 +183,45 @@ def test_compiled_gpt_with_window_kernel_matches_sdpa_loss_and_gradients_on_cuda
     assert abs(loss_kernel.item() - loss_sdpa.item()) < 1e-2
     for g, r in zip(grads_kernel, grads_sdpa):
         assert rel_err(g, r) < 3e-2
+
+
+def test_choose_window_kernel_resolves_only_for_models_with_windows():
+    windowed = GPT(GPTConfig(sequence_len=64, vocab_size=32, n_layer=4, n_head=2, n_kv_head=2, n_embd=16,
+                             window_pattern="SL"))
+    assert windowed.choose_window_kernel("auto") == "attention kernel of the 2 sliding-window layers: sdpa"
+    with pytest.raises(UsageError, match="--attention cudnn needs a CUDA GPU"):
+        windowed.choose_window_kernel("cudnn")
+    full = GPT(GPTConfig(sequence_len=64, vocab_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=16))
+    assert full.choose_window_kernel("cudnn") is None
+
+
+@cudnn_frontend
+def test_cudnn_windows_under_dynamic_shapes_match_sdpa_at_several_lengths_on_cuda():
+    """mid_train and chat_sft compile with dynamic shapes (padded rows of varying width)."""
+    config = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, n_embd=256,
+                       window_pattern="SL", short_window=100)
+    torch.manual_seed(0)
+    model = GPT(config).cuda()
+    model.init_weights()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.dim() == 2 and "wte" not in param_name:
+                param.normal_(0, param.size(1) ** -0.5)
+
+    def losses_and_grads(kernel: str):
+        assert model.choose_window_kernel(kernel) == f"attention kernel of the 1 sliding-window layers: {kernel}"
+        compiled = torch.compile(model, dynamic=True)
+        results = []
+        for rows, length in [(3, 300), (2, 517), (4, 1024)]:
+            generator = torch.Generator(device="cuda").manual_seed(length)
+            idx = torch.randint(0, 512, (rows, length), device="cuda", generator=generator)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(idx, idx.roll(-1, dims=1))
+            results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+        torch._dynamo.reset()
+        return results
+
+    for (loss, grads), (loss_ref, grads_ref) in zip(losses_and_grads("cudnn"), losses_and_grads("sdpa")):
+        assert abs(loss.item() - loss_ref.item()) < 1e-2
+        for g, r in zip(grads, grads_ref):
+            assert rel_err(g, r) < 3e-2

@@ -22,7 +22,7 @@ from tests.conftest import REPO, run_stage
 
 BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64", "--device-batch-size",
         "4", "--total-batch-size", "512", "--num-iterations", "4", "--device-type", "cpu", "--eval-tokens", "512",
-        "--sample-every", "-1", "--tokenizer-threads", "1"]
+        "--sample-every", "-1", "--tokenizer-threads", "1", "--window-pattern", "SL"]
 COMMON = ["--device-batch-size", "4", "--device-type", "cpu", "--eval-batches", "2"]
 
 
@@ -113,7 +113,7 @@ def test_mid_and_sft_end_to_end(tiny_cache):
     shutil.copytree(tiny_cache, twin, ignore=shutil.ignore_patterns("twin"))
 
     mid = [*COMMON, "--num-iterations", "12", "--eval-every", "6", "--total-batch-size", "512"]
-    run_stage("mid_train", *mid, cache=twin)
+    assert "attention kernel of the 1 sliding-window layers: sdpa" in run_stage("mid_train", *mid, cache=twin).stdout
     _stop_with_signal(tiny_cache, "mid_train", mid, at_step=3)
     directory = tiny_cache / "mid_checkpoints" / "d2"
     stopped = ckpt.latest_complete_step(directory)
@@ -124,6 +124,11 @@ def test_mid_and_sft_end_to_end(tiny_cache):
     meta = ckpt.read_meta(directory, 12)
     assert meta["model_config"]["n_layer"] == 2 and meta["source"]["phase"] == "base"
     assert "nothing to do" in run_stage("mid_train", *mid, cache=tiny_cache).stdout
+    written = sorted(p.name for p in directory.iterdir())
+    proc = run_stage("mid_train", *mid, "--force", "--attention", "cudnn", cache=tiny_cache, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--attention cudnn needs a CUDA GPU" in lines[0]
+    assert sorted(p.name for p in directory.iterdir()) == written
     report = json.loads((tiny_cache / "report" / "mid_train.json").read_text())
     assert report["phase"] == "MID" and len(report["loss_history"]) == 12
     assert [v[0] for v in report["val_history"]] == [0, 6, 12] and report["seconds"] > 0
