@@ -22,6 +22,7 @@ it installed raises `UsageError` naming the fix.
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ class _HeadLossWithEarlyGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, reduction):
+        device_type = hidden.device.type
         dtype = _compute_dtype(hidden)
         flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(dtype)
         weight_cast = weight.to(dtype)
@@ -91,7 +93,8 @@ class _HeadLossWithEarlyGradient(torch.autograd.Function):
         token_weights = counted.float()
         if reduction == "mean":
             token_weights = token_weights / counted.sum()
-        with torch.autocast(hidden.device.type, enabled=False):
+        casts_off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+        with casts_off:
             if _fused_kernel_applies(hidden, softcap):
                 from nanochat.softcap_loss_triton import softcap_head_loss
 

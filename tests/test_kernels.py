@@ -105,10 +105,12 @@ def test_training_losses_compute_the_logit_gradient_in_the_forward_pass(reductio
     assert frozen.grad_fn is None
 
 
-def test_native_gradients_under_bf16_autocast_keep_the_parameter_dtypes():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_native_gradients_under_bf16_autocast_keep_the_parameter_dtypes(compiled):
     hidden, weight, targets = ignored_targets_case(vocab=256, shape=(4, 32), dim=64)
+    loss_fn = torch.compile(linear_cross_entropy, fullgraph=True) if compiled else linear_cross_entropy
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = linear_cross_entropy(hidden, weight, targets, 15.0, "mean")
+        loss = loss_fn(hidden, weight, targets, 15.0, "mean")
     grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight])
     assert grad_hidden.dtype == hidden.dtype and grad_weight.dtype == weight.dtype
     expected_loss, *expected = reference_gradients(hidden, weight, targets, 15.0, "mean")
