@@ -286,7 +286,8 @@ class GPT(nn.Module):
         return f"attention kernel of the {self.config.windowed_layers()} sliding-window layers: {name}"
 
     def set_loss_kernel(self, kernel: str) -> None:
-        """'native' (materialised float32 logits) or 'liger' (fused linear cross-entropy; UsageError if absent)."""
+        """'native' (full logits in the autocast dtype, see `nanochat.kernels`) or 'liger' (fused linear
+        cross-entropy; UsageError if absent)."""
         self.loss_kernel = use_kernel(kernel)
 
     def param_counts(self) -> dict[str, int]:
