@@ -20,6 +20,7 @@ from nanochat.attention_kernels import (
 )
 from nanochat.configargs import UsageError
 from nanochat.gpt import GPT, GPTConfig, attention, attention_mask
+from tests.fixtures.models import random_gpt
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 cudnn_frontend = pytest.mark.skipif(
@@ -159,13 +160,7 @@ def test_window_kernel_outputs_and_gradients_match_sdpa_on_cuda(name, kv_heads):
 def test_compiled_gpt_with_window_kernel_matches_sdpa_loss_and_gradients_on_cuda(name):
     config = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256,
                        window_pattern="SSSL")
-    torch.manual_seed(0)
-    model = GPT(config).cuda()
-    model.init_weights()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param.dim() == 2 and "wte" not in param_name:
-                param.normal_(0, param.size(1) ** -0.5)
+    model = random_gpt(config).cuda().train()
     idx = torch.randint(0, 512, (4, 1024), device="cuda")
     targets = torch.randint(0, 512, (4, 1024), device="cuda")
 
@@ -200,13 +195,7 @@ def test_cudnn_windows_under_dynamic_shapes_match_sdpa_at_several_lengths_on_cud
     """mid_train and chat_sft compile with dynamic shapes (padded rows of varying width)."""
     config = GPTConfig(sequence_len=1024, vocab_size=512, n_layer=2, n_head=4, n_kv_head=4, n_embd=256,
                        window_pattern="SL", short_window=100)
-    torch.manual_seed(0)
-    model = GPT(config).cuda()
-    model.init_weights()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param.dim() == 2 and "wte" not in param_name:
-                param.normal_(0, param.size(1) ** -0.5)
+    model = random_gpt(config).cuda().train()
 
     def losses_and_grads(kernel: str):
         assert model.choose_window_kernel(kernel) == f"attention kernel of the 1 sliding-window layers: {kernel}"
