@@ -10,8 +10,8 @@ The softcap makes one pass enough for the normaliser: capped logits lie in [-cap
 sum(exp(capped - cap)) needs no running maximum and cannot overflow (nor underflow, for caps up to
 `nanochat.kernels.FUSED_MAX_SOFTCAP`). With r = 1 / (1 + exp(2 x / cap)): tanh(x / cap) = 1 - 2r,
 capped - cap = -2 cap r, and the tanh derivative 1 - tanh² = 4 r (1 - r) stays accurate where tanh
-saturates. A target of
-`IGNORE_INDEX` gives loss 0 and a zero gradient row (its token weight should be 0 too).
+saturates. A target of `IGNORE_INDEX` gives loss 0 and a zero gradient row (its token weight should be 0
+too).
 
 The function is a `torch.library` custom op, opaque to torch.compile, so the graph keeps the in-place
 kernel and the logits buffer is reused for the gradient. Importing this module needs triton; with

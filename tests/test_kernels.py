@@ -1,6 +1,8 @@
 """Loss kernels: dispatch and the missing-liger error on CPU; liger vs native loss and gradients (with
 ignored targets, the softcap, and under torch.compile without graph breaks) on CUDA."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,14 @@ def test_training_losses_compute_the_logit_gradient_in_the_forward_pass(reductio
         assert linear_cross_entropy(hidden, weight, targets, 2.0, reduction).grad_fn is None
     frozen = linear_cross_entropy(hidden.detach(), weight.detach(), targets, 2.0, reduction)
     assert frozen.grad_fn is None
+
+
+def test_fused_cuda_loss_only_for_cuda_tensors_and_softcaps_it_can_hold():
+    on_cuda, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert kernels._fused_kernel_applies(on_cuda, 15.0) == kernels._TRITON_INSTALLED
+    assert kernels._fused_kernel_applies(on_cuda, kernels.FUSED_MAX_SOFTCAP) == kernels._TRITON_INSTALLED
+    assert not kernels._fused_kernel_applies(on_cuda, kernels.FUSED_MAX_SOFTCAP + 10.0)
+    assert not kernels._fused_kernel_applies(on_cpu, 15.0)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
