@@ -230,31 +230,29 @@ class MuonAdamW(torch.optim.Optimizer):
         return grads, handles
 
     def _adamw_step(self, group: dict, grads: list[torch.Tensor]) -> None:
-        """One AdamW step for the whole group with foreach kernels (a few launches instead of ~10 per tensor)."""
+        """One AdamW step for the whole group in PyTorch's fused multi-tensor kernel (`torch._fused_adamw_`:
+        one pass over parameters, gradients and moments, where separate foreach ops made eight).
+
+        Each parameter's step count is a float32 tensor on its device, as that kernel reads it; a count
+        saved as a Python int, or loaded onto the CPU by `load_state_dict`, is moved there first."""
         beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-        exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        step = self.state[params[0]]["step"]
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
-        denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
-        torch._foreach_sqrt_(denoms)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, -lr / bias_correction1)
+            elif not torch.is_tensor(state["step"]) or state["step"].device != p.device:
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(params, list(grads), [self.state[p]["exp_avg"] for p in params],
+                            [self.state[p]["exp_avg_sq"] for p in params], [], steps, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                            amsgrad=False, maximize=False)
 
     def _muon_step(self, group: dict, grads: torch.Tensor, rank: int, world: int):
         """Orthogonalise this rank's chunk of the group's matrices with one batched Newton-Schulz call, then

@@ -142,6 +142,29 @@ def test_state_dict_round_trip_gives_identical_next_step():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
+def test_adamw_resumes_from_step_counts_saved_as_integers():
+    """Checkpoints written before the fused AdamW kernel kept each step count as a Python int."""
+    model = tiny_model()
+    optimizer = model.setup_optimizer(**LRS)
+    train_steps(model, optimizer, range(3))
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    counts = [state["step"] for state in optimizer_state["state"].values() if "step" in state]
+    assert counts and all(count.item() == 3 for count in counts)
+    for state in optimizer_state["state"].values():
+        if "step" in state:
+            state["step"] = int(state["step"].item())
+    train_steps(model, optimizer, [3])
+
+    resumed = tiny_model(seed=99)
+    resumed_optimizer = resumed.setup_optimizer(**LRS)
+    resumed.load_state_dict(model_state)
+    resumed_optimizer.load_state_dict(optimizer_state)
+    train_steps(resumed, resumed_optimizer, [3])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
 def test_param_group_validation():
     matrix = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="kind"):
