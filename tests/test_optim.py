@@ -72,20 +72,46 @@ def test_newton_schulz_is_near_orthogonal(shape):
     assert cosine > 0.95
 
 
-def test_adamw_groups_match_torch_adamw():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_adamw_groups_match_torch_adamw(device):
     torch.manual_seed(0)
     weights = torch.randn(5, 7)
-    ours = torch.nn.Parameter(weights.clone())
-    reference = torch.nn.Parameter(weights.clone())
+    ours = torch.nn.Parameter(weights.clone().to(device))
+    reference = torch.nn.Parameter(weights.clone().to(device))
     optimizer = MuonAdamW([dict(params=[ours], kind="adamw", lr=0.01, betas=(0.8, 0.95), eps=1e-10,
                                 weight_decay=0.1)])
-    torch_adamw = torch.optim.AdamW([reference], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW([reference], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1,
+                                    foreach=False)
     for step in range(5):
-        grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(step))
+        grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(step)).to(device)
         ours.grad, reference.grad = grad.clone(), grad.clone()
         optimizer.step()
         torch_adamw.step()
     assert torch.allclose(ours, reference, atol=1e-6)
+    assert optimizer.state[ours]["step"].device == ours.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_on_cuda_resumes_from_step_counts_loaded_onto_the_cpu(tmp_path):
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(5, 7, device="cuda"))
+    optimizer = MuonAdamW([dict(params=[param], kind="adamw", lr=0.01)])
+    for step in range(3):
+        param.grad = torch.randn(5, 7, device="cuda")
+        optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    saved_param = param.detach().clone()
+    grad = torch.randn(5, 7, device="cuda")
+    param.grad = grad.clone()
+    optimizer.step()
+
+    resumed_param = torch.nn.Parameter(saved_param)
+    resumed = MuonAdamW([dict(params=[resumed_param], kind="adamw", lr=0.01)])
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", map_location="cpu"))
+    resumed_param.grad = grad.clone()
+    resumed.step()
+    assert torch.equal(resumed_param, param)
 
 
 def test_muon_update_is_scaled_orthogonal_direction():
