@@ -213,6 +213,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
             print0(runtime, "torch.compile: on (the first steps include compilation)")
 
     B, T = config.device_batch_size, config.max_seq_len
+    # counted with index_add_, not torch.bincount, which reads the largest id back to the host every micro-step
+    token_ones = torch.ones(B * T, dtype=torch.int64, device=device)
     loader = PackedTokenLoader(train_files, tokenizer, B, T, rank=runtime.rank, world_size=runtime.world_size,
                                device=device, tokenizer_threads=config.tokenizer_threads, state=loader_state)
     schedule = LRSchedule(hp.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
@@ -288,7 +290,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
             loss_sum = torch.zeros((), device=device)
             for micro in range(hp.grad_accum_steps):
                 x, y = next(loader)
-                train_counts += torch.bincount(y.reshape(-1), minlength=tokenizer.vocab_size)
+                train_counts.index_add_(0, y.reshape(-1), token_ones)
                 with runtime.autocast():
                     loss = train_model(x, y)
                 loss_sum += loss.detach()
