@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -28,6 +29,20 @@ def test_sweep_runs_as_a_job_array_and_each_task_records_its_candidate(slurm_clu
     assert set(Counter(e["id"] for e in records).values()) == {1} and len(records) == 4
     evaluated = [e for e in records if e["event"] == "evaluated"]
     assert evaluated and all(e["metrics"]["val_bpb"] > 0 for e in evaluated)
-    accounting = slurm_cluster.run("sacct", "-j", array_id, "--noheader", "--allocations", "--parsable2",
-                                   "--format=JobID,State").stdout.split()
-    assert len(accounting) == len(evaluated) and all(line.endswith("|COMPLETED") for line in accounting), accounting
+    assert all(state == "COMPLETED" for state in final_states(slurm_cluster, array_id, len(evaluated))), \
+        final_states(slurm_cluster, array_id, len(evaluated))
+
+
+def final_states(cluster, array_id: str, tasks: int, timeout_s: float = 60.0) -> list[str]:
+    """The array tasks' accounting states once none is still running. A task's result file is written
+    before its process exits, so the sweep can return while SLURM still books the last task as RUNNING
+    or COMPLETING."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = cluster.run("sacct", "-j", array_id, "--noheader", "--allocations", "--parsable2",
+                            "--format=JobID,State").stdout.split()
+        states = [line.split("|")[1] for line in lines]
+        settled = len(states) == tasks and not set(states) & {"PENDING", "RUNNING", "COMPLETING"}
+        if settled or time.monotonic() > deadline:
+            return states
+        time.sleep(1.0)
