@@ -97,7 +97,7 @@ def test_adamw_on_cuda_resumes_from_step_counts_loaded_onto_the_cpu(tmp_path):
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(5, 7, device="cuda"))
     optimizer = MuonAdamW([dict(params=[param], kind="adamw", lr=0.01)])
-    for step in range(3):
+    for _ in range(3):
         param.grad = torch.randn(5, 7, device="cuda")
         optimizer.step()
     torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
