@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ckpt
 from nanochat.attention_kernels import ATTENTION_FLAG_HELP
-from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError, require
+from nanochat.configargs import EXIT_OK, UsageError, require
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint
@@ -35,6 +35,7 @@ from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import Runtime, print0
 from nanochat.schedule import LRSchedule, muon_momentum
+from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import load_token_bytes
 
@@ -216,10 +217,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
                             "val_history": [], "loss_history": []}
     feed_state = None
     if meta is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
-        torch.set_rng_state(optim_state["rng_cpu"])
-        if runtime.device_type == "cuda":
-            torch.cuda.set_rng_state(optim_state["rng_cuda"].cpu(), device)
+        restore_rng_and_optimizer(optimizer, optim_state, runtime)
         loop = meta["loop_state"]
         feed_state = meta["loader_states"][runtime.rank]
         print0(runtime, f"resumed from {out_dir} at step {start_step}")
@@ -245,8 +243,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
             wandb_run.log({"step": step, "val/bpb": bpb})
 
     def save(step: int, finished: bool) -> None:
-        optim_out = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if runtime.device_type == "cuda" else None}
+        optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(job.model_config), "user_config": dataclasses.asdict(config),
                     "source": source_meta, "num_iterations": job.num_iterations,
                     "loader_states": _gather(feed.state_dict(), runtime), "loop_state": {**loop, "step": step},
@@ -256,58 +253,52 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
                              keep=0 if finished else config.keep_checkpoints)
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
-    step = loop["step"]
-    first_step = step
+    first_step = loop["step"]
+
+    def train_step(step: int) -> bool:
+        runtime.synchronize()
+        t0 = time.perf_counter()
+        lr_mult = schedule.multiplier(step)
+        _set_learning_rates(optimizer, lr_mult, step)
+        train_loss, supervised, tokens = _forward_backward(train_model, feed, job.grad_accum_steps, runtime)
+        if not math.isfinite(train_loss):
+            print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
+                            f"checkpoint in {out_dir} is kept; lower the learning rates (--lr-scale) and resume.")
+            return False
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        runtime.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        if not (use_compile and step == first_step + 1):
+            loop["training_seconds"] += dt
+        loop["tokens_seen"] += tokens
+        loop["supervised_tokens"] += supervised
+        loop["loss_history"].append([step, train_loss])
+        print0(runtime, f"step {step:06d}/{job.num_iterations:06d} ({100 * step / job.num_iterations:.1f}%) "
+                        f"| loss {train_loss:.4f} | lr x{lr_mult:.3f} | supervised tokens {supervised:,} "
+                        f"| dt {1000 * dt:.0f} ms | tok/s {tokens / dt:,.0f} | epoch {feed.epoch}")
+        if wandb_run is not None:
+            wandb_run.log({"step": step, "train/loss": train_loss, "train/lr_mult": lr_mult})
+        return True
+
     try:
-        while True:
-            last = step == job.num_iterations
-            evaluated = bool(loop["val_history"]) and loop["val_history"][-1][0] == step
-            due = config.eval_every > 0 and step % config.eval_every == 0
-            if (due or last) and not evaluated:
-                evaluate(step)
-            if last:
-                save(step, finished=True)
-                break
-            if stop.check(step, runtime):
-                save(step, finished=False)
-                return EXIT_RESUMABLE
-            runtime.synchronize()
-            t0 = time.perf_counter()
-            lr_mult = schedule.multiplier(step)
-            _set_learning_rates(optimizer, lr_mult, step)
-            train_loss, supervised, tokens = _train_step(train_model, feed, job.grad_accum_steps, runtime)
-            if not math.isfinite(train_loss):
-                print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
-                                f"checkpoint in {out_dir} is kept; lower the learning rates (--lr-scale) and resume.")
-                return EXIT_DIVERGED
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            runtime.synchronize()
-            dt = time.perf_counter() - t0
-            step += 1
-            if not (use_compile and step == first_step + 1):
-                loop["training_seconds"] += dt
-            loop["tokens_seen"] += tokens
-            loop["supervised_tokens"] += supervised
-            loop["loss_history"].append([step, train_loss])
-            print0(runtime, f"step {step:06d}/{job.num_iterations:06d} ({100 * step / job.num_iterations:.1f}%) "
-                            f"| loss {train_loss:.4f} | lr x{lr_mult:.3f} | supervised tokens {supervised:,} "
-                            f"| dt {1000 * dt:.0f} ms | tok/s {tokens / dt:,.0f} | epoch {feed.epoch}")
-            if wandb_run is not None:
-                wandb_run.log({"step": step, "train/loss": train_loss, "train/lr_mult": lr_mult})
-            if config.save_every > 0 and step % config.save_every == 0 and step != job.num_iterations:
-                save(step, finished=False)
+        exit_code = run_steps(first_step, StepSchedule(job.num_iterations, config.eval_every, config.save_every),
+                              stop, runtime, train_step=train_step, evaluate=evaluate, save=save,
+                              evaluations=loop["val_history"])
     finally:
         feed.close()
         if wandb_run is not None:
             wandb_run.finish()
+    if exit_code != EXIT_OK:
+        return exit_code
     totals = _all_reduce_sum(torch.tensor([feed.examples_consumed, feed.truncated], device=device), runtime)
     if runtime.is_master:
         _write_report(job, loop, runtime, examples=int(totals[0]), truncated=int(totals[1]))
     return EXIT_OK
 
 
-def _train_step(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> tuple[float, int, int]:
+def _forward_backward(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> tuple[float, int, int]:
     """Forward and backward over one step's micro-batches: (mean loss, supervised tokens, input tokens), the
     counts summed over ranks. Gradients are left in place for the optimizer (which averages them over ranks)."""
     batches = [next(feed) for _ in range(grad_accum_steps)]

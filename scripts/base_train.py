@@ -21,14 +21,7 @@ import torch
 
 from nanochat import checkpoint as ckpt
 from nanochat.attention_kernels import ATTENTION_FLAG_HELP
-from nanochat.configargs import (
-    EXIT_DIVERGED,
-    EXIT_OK,
-    EXIT_RESUMABLE,
-    UsageError,
-    require,
-    run_stage,
-)
+from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.dataloader import PackedTokenLoader, split_shards
 from nanochat.gpt import GPT
 from nanochat.gpu_site import apply_site_fixes
@@ -41,6 +34,7 @@ from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime, warn0
 from nanochat.scaling import derive
 from nanochat.schedule import LRSchedule, muon_momentum
+from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import Tokenizer, load_token_bytes
 
@@ -192,11 +186,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     if meta is not None:
         model_state, optim_state, meta = ckpt.load_checkpoint(out_dir, start_step, device, rank=runtime.rank)
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state["optimizer"])
+        restore_rng_and_optimizer(optimizer, optim_state, runtime)
         train_counts.copy_(optim_state["train_counts"].to(device))
-        torch.set_rng_state(optim_state["rng_cpu"])
-        if runtime.device_type == "cuda":
-            torch.cuda.set_rng_state(optim_state["rng_cuda"].cpu(), device)
         loop = meta["loop_state"]
         loader_state = meta["loader_states"][runtime.rank]
         print0(runtime, f"resumed from {out_dir} at step {start_step}")
@@ -251,9 +242,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
 
             all_loader_states = [None] * runtime.world_size
             dist.all_gather_object(all_loader_states, loader.state_dict())
-        optim_state = {"optimizer": optimizer.state_dict(), "train_counts": train_counts.cpu(),
-                       "rng_cpu": torch.get_rng_state(),
-                       "rng_cuda": torch.cuda.get_rng_state(device) if runtime.device_type == "cuda" else None}
+        optim_state = {**rng_and_optimizer_state(optimizer, runtime), "train_counts": train_counts.cpu()}
         meta_out = {"model_config": dataclasses.asdict(hp.model_config), "user_config": dataclasses.asdict(config),
                     "num_iterations": hp.num_iterations, "loader_states": all_loader_states,
                     "loop_state": {**loop, "step": step}, "finished": finished}
@@ -262,71 +251,61 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
                              keep=0 if finished else config.keep_checkpoints)
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
-    step = loop["step"]
-    first_step = step
-    exit_code = EXIT_OK
+    first_step = loop["step"]
+
+    def train_step(step: int) -> bool:
+        runtime.synchronize()
+        t0 = time.perf_counter()
+        lr_mult = schedule.multiplier(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if group.get("kind") == "muon":
+                group["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(hp.grad_accum_steps):
+            x, y = next(loader)
+            train_counts.index_add_(0, y.reshape(-1), token_ones)
+            with runtime.autocast():
+                loss = train_model(x, y)
+            loss_sum += loss.detach()
+            optimizer.reduce_in_backward = micro == hp.grad_accum_steps - 1
+            (loss / hp.grad_accum_steps).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = (loss_sum / hp.grad_accum_steps).item()
+        runtime.synchronize()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
+                            f"checkpoint in {out_dir} is kept; lower the learning rates and resume.")
+            return False
+        step += 1
+        tokens = hp.total_batch_size
+        loop["tokens_seen"] += tokens
+        if not (use_compile and step == first_step + 1):
+            loop["training_seconds"] += dt
+        loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+        smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+        loop["loss_history"].append([step, train_loss])
+        tok_per_s = tokens / dt
+        mfu = (f" | mfu {100 * hp.flops_per_token * tok_per_s / (peak.flops * runtime.world_size):.1f}%"
+               if peak is not None else "")
+        remaining = (hp.num_iterations - step) * (loop["training_seconds"] / max(step - first_step, 1))
+        print0(runtime, f"step {step:06d}/{hp.num_iterations:06d} ({100 * step / hp.num_iterations:.1f}%) "
+                        f"| loss {train_loss:.4f} (smooth {smooth:.4f}) | lr x{lr_mult:.3f} "
+                        f"| dt {1000 * dt:.0f} ms | tok/s {tok_per_s:,.0f}{mfu} "
+                        f"| eta {remaining / 60:.1f} min")
+        if wandb_run is not None:
+            wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tok_per_s,
+                           "train/lr_mult": lr_mult})
+        if config.sample_every > 0 and step % config.sample_every == 0 and runtime.is_master:
+            _print_samples(model, tokenizer, runtime)
+        return True
+
+    steps = StepSchedule(hp.num_iterations, config.eval_every, config.save_every, config.save_final)
     with loader:
-        while True:
-            last = step == hp.num_iterations
-            already_evaluated = bool(loop["val_history"]) and loop["val_history"][-1][0] == step
-            if (step % config.eval_every == 0 or last) and not already_evaluated:
-                evaluate(step)
-            if config.sample_every > 0 and step % config.sample_every == 0 and step > 0 and runtime.is_master:
-                _print_samples(model, tokenizer, runtime)
-            if last:
-                if config.save_final:
-                    save(step, finished=True)
-                break
-            if stop.check(step, runtime):
-                save(step, finished=False)
-                return EXIT_RESUMABLE
-            runtime.synchronize()
-            t0 = time.perf_counter()
-            lr_mult = schedule.multiplier(step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-                if group.get("kind") == "muon":
-                    group["momentum"] = muon_momentum(step)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(hp.grad_accum_steps):
-                x, y = next(loader)
-                train_counts.index_add_(0, y.reshape(-1), token_ones)
-                with runtime.autocast():
-                    loss = train_model(x, y)
-                loss_sum += loss.detach()
-                optimizer.reduce_in_backward = micro == hp.grad_accum_steps - 1
-                (loss / hp.grad_accum_steps).backward()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            train_loss = (loss_sum / hp.grad_accum_steps).item()
-            runtime.synchronize()
-            dt = time.perf_counter() - t0
-            if not math.isfinite(train_loss):
-                print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
-                                f"checkpoint in {out_dir} is kept; lower the learning rates and resume.")
-                exit_code = EXIT_DIVERGED
-                break
-            step += 1
-            tokens = hp.total_batch_size
-            loop["tokens_seen"] += tokens
-            if not (use_compile and step == first_step + 1):
-                loop["training_seconds"] += dt
-            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-            smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
-            loop["loss_history"].append([step, train_loss])
-            tok_per_s = tokens / dt
-            mfu = (f" | mfu {100 * hp.flops_per_token * tok_per_s / (peak.flops * runtime.world_size):.1f}%"
-                   if peak is not None else "")
-            remaining = (hp.num_iterations - step) * (loop["training_seconds"] / max(step - first_step, 1))
-            print0(runtime, f"step {step:06d}/{hp.num_iterations:06d} ({100 * step / hp.num_iterations:.1f}%) "
-                            f"| loss {train_loss:.4f} (smooth {smooth:.4f}) | lr x{lr_mult:.3f} "
-                            f"| dt {1000 * dt:.0f} ms | tok/s {tok_per_s:,.0f}{mfu} "
-                            f"| eta {remaining / 60:.1f} min")
-            if wandb_run is not None:
-                wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tok_per_s,
-                               "train/lr_mult": lr_mult})
-            if config.save_every > 0 and step % config.save_every == 0 and step != hp.num_iterations:
-                save(step, finished=False)
+        exit_code = run_steps(first_step, steps, stop, runtime, train_step=train_step, evaluate=evaluate,
+                              save=save, evaluations=loop["val_history"])
     if wandb_run is not None:
         wandb_run.finish()
     if exit_code != EXIT_OK:

@@ -30,13 +30,14 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ckpt
 from nanochat.chat_eval_runner import evaluate_task
-from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError, require, run_stage
+from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
+from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
 from nanochat.stopping import StopRequest
 from nanochat.tasks import GSM8K, require_available
 from nanochat.tasks.gsm8k import final_number
@@ -195,10 +196,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     loop: dict[str, Any] = {"step": 0, "training_seconds": 0.0, "reward_history": [], "gsm8k_history": [],
                             "samples_seen": 0}
     if meta is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
-        torch.set_rng_state(optim_state["rng_cpu"])
-        if runtime.device_type == "cuda":
-            torch.cuda.set_rng_state(optim_state["rng_cuda"].cpu(), device)
+        restore_rng_and_optimizer(optimizer, optim_state, runtime)
         loop = meta["loop_state"]
         print0(runtime, f"resumed from {out_dir} at step {start_step}")
     else:
@@ -222,8 +220,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
         print0(runtime, f"step {step:06d} | GSM8K test pass@1 {score.accuracy:.4f} ({score.correct}/{score.total})")
 
     def save(step: int, finished: bool) -> None:
-        optim_out = {"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if runtime.device_type == "cuda" else None}
+        optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(model_config), "user_config": dataclasses.asdict(config),
                     "source": source_meta, "num_iterations": num_iterations,
                     "loop_state": {**loop, "step": step}, "finished": finished}
@@ -232,26 +229,14 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
                              keep=0 if finished else config.keep_checkpoints)
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
-    step = loop["step"]
-    while True:
-        last = step == num_iterations
-        evaluated = bool(loop["gsm8k_history"]) and loop["gsm8k_history"][-1][0] == step
-        due = config.eval_every > 0 and step % config.eval_every == 0
-        if (due or last) and not evaluated:
-            evaluate(step)
-        if last:
-            save(step, finished=True)
-            break
-        if stop.check(step, runtime):
-            save(step, finished=False)
-            return EXIT_RESUMABLE
+    def train_step(step: int) -> bool:
         t0 = time.perf_counter()
         stats = _rl_step(config, runtime, model, engine, tokenizer, train_task, order, step, num_iterations,
                          optimizer)
         if not math.isfinite(stats["loss"]):
             print0(runtime, f"step {step:06d} | loss is {stats['loss']}: training diverged. The last good checkpoint "
                             f"in {out_dir} is kept; lower --init-lr-frac and resume.")
-            return EXIT_DIVERGED
+            return False
         dt = time.perf_counter() - t0
         step += 1
         loop["training_seconds"] += dt
@@ -261,8 +246,13 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
                         f"{stats['loss']:+.5f} | sampled tokens {stats['tokens']:,} | samples with a signal "
                         f"{stats['active']} | lr x{stats['lr_mult']:.3f} "
                         f"| dt {dt:.1f} s")
-        if config.save_every > 0 and step % config.save_every == 0 and step != num_iterations:
-            save(step, finished=False)
+        return True
+
+    exit_code = run_steps(loop["step"], StepSchedule(num_iterations, config.eval_every, config.save_every), stop,
+                          runtime, train_step=train_step, evaluate=evaluate, save=save,
+                          evaluations=loop["gsm8k_history"])
+    if exit_code != EXIT_OK:
+        return exit_code
     if runtime.is_master:
         _write_report(config, runtime, source_meta, num_iterations, loop)
     return EXIT_OK

@@ -1,0 +1,107 @@
+"""The shared step boundaries: when a run evaluates, saves, stops and ends, and the checkpointed RNG and
+optimizer state."""
+
+import pytest
+import torch
+
+from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+from nanochat.optim import MuonAdamW
+from nanochat.runtime import Runtime
+from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
+from nanochat.stopping import StopRequest
+
+CPU = Runtime(device=torch.device("cpu"), rank=0, local_rank=0, world_size=1, autocast_dtype=None)
+
+
+class Recorder:
+    """What run_steps asked for, in order: ("train", step), ("eval", step), ("save", step, finished)."""
+
+    def __init__(self, stop: StopRequest | None = None, stop_before: int | None = None,
+                 diverge_at: int | None = None):
+        self.calls: list[tuple] = []
+        self.evaluations: list[list] = []
+        self.stop, self.stop_before, self.diverge_at = stop, stop_before, diverge_at
+
+    def train_step(self, step: int) -> bool:
+        self.calls.append(("train", step))
+        if self.stop is not None and step + 1 == self.stop_before:
+            self.stop.signal_name = "SIGUSR1"
+        return step != self.diverge_at
+
+    def evaluate(self, step: int) -> None:
+        self.calls.append(("eval", step))
+        self.evaluations.append([step, 1.0])
+
+    def save(self, step: int, finished: bool) -> None:
+        self.calls.append(("save", step, finished))
+
+    def run(self, start: int, schedule: StepSchedule, stop: StopRequest | None = None) -> int:
+        return run_steps(start, schedule, stop or self.stop or StopRequest(), CPU, train_step=self.train_step,
+                         evaluate=self.evaluate, save=self.save, evaluations=self.evaluations)
+
+
+def test_a_whole_run_evaluates_and_saves_on_schedule_and_at_the_end():
+    recorder = Recorder()
+    assert recorder.run(0, StepSchedule(num_iterations=5, eval_every=2, save_every=3)) == EXIT_OK
+    assert recorder.calls == [
+        ("eval", 0), ("train", 0), ("train", 1), ("eval", 2), ("train", 2), ("save", 3, False),
+        ("train", 3), ("eval", 4), ("train", 4), ("eval", 5), ("save", 5, True)]
+
+
+def test_without_periodic_work_only_the_end_is_evaluated_and_saved():
+    recorder = Recorder()
+    assert recorder.run(0, StepSchedule(num_iterations=2, eval_every=-1, save_every=0)) == EXIT_OK
+    assert recorder.calls == [("train", 0), ("train", 1), ("eval", 2), ("save", 2, True)]
+
+
+def test_save_final_false_writes_no_checkpoint():
+    recorder = Recorder()
+    assert recorder.run(0, StepSchedule(num_iterations=2, eval_every=0, save_every=0, save_final=False)) == EXIT_OK
+    assert [call for call in recorder.calls if call[0] == "save"] == []
+
+
+def test_a_resumed_run_does_not_evaluate_its_first_step_again():
+    recorder = Recorder()
+    recorder.evaluations.append([4, 1.0])
+    assert recorder.run(4, StepSchedule(num_iterations=6, eval_every=2, save_every=0)) == EXIT_OK
+    assert recorder.calls == [("train", 4), ("train", 5), ("eval", 6), ("save", 6, True)]
+
+
+def test_a_finished_run_resumed_at_its_end_only_saves():
+    recorder = Recorder()
+    recorder.evaluations.append([3, 1.0])
+    assert recorder.run(3, StepSchedule(num_iterations=3, eval_every=1, save_every=1)) == EXIT_OK
+    assert recorder.calls == [("save", 3, True)]
+
+
+def test_a_stop_signal_saves_at_the_next_boundary_and_returns_75():
+    stop = StopRequest()
+    recorder = Recorder(stop=stop, stop_before=2)
+    assert recorder.run(0, StepSchedule(num_iterations=10, eval_every=0, save_every=0)) == EXIT_RESUMABLE
+    assert recorder.calls == [("train", 0), ("train", 1), ("save", 2, False)]
+
+
+def test_a_diverged_step_ends_the_run_with_3_and_saves_nothing_more():
+    recorder = Recorder(diverge_at=1)
+    assert recorder.run(0, StepSchedule(num_iterations=10, eval_every=0, save_every=1)) == EXIT_DIVERGED
+    assert recorder.calls == [("train", 0), ("save", 1, False), ("train", 1)]
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="num_iterations"):
+        StepSchedule(num_iterations=-1, eval_every=1, save_every=1)
+
+
+def test_rng_and_optimizer_state_round_trip():
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = MuonAdamW([dict(params=[param], kind="adamw", lr=0.1)])
+    param.grad = torch.ones(4, 3)
+    optimizer.step()
+    state = rng_and_optimizer_state(optimizer, CPU)
+    expected = torch.rand(3)
+
+    torch.manual_seed(1234)
+    other = MuonAdamW([dict(params=[param], kind="adamw", lr=0.1)])
+    restore_rng_and_optimizer(other, state, CPU)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(other.state[param]["exp_avg"], optimizer.state[param]["exp_avg"])
