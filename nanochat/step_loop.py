@@ -6,10 +6,16 @@ with 75 when a stop signal arrived, and saves every `save_every` steps in betwee
 finite ends the run with 3 and keeps the last good checkpoint. `run_steps` is that policy; a stage supplies
 what one step, one evaluation and one checkpoint are. `rng_and_optimizer_state` and
 `restore_rng_and_optimizer` are the part of a checkpoint every stage writes and reads the same way.
+
+`LossReadback` lets a stage read a step's loss (and duration) one step late on CUDA: the next step's work is
+already queued when the host waits for the number, so the GPU never idles between steps (reading it at once
+with `.item()` drains the queue and starts every step on an idle GPU). A stage that defers its bookkeeping that
+way passes `settle`, which `run_steps` calls before anything that must see every finished step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,30 +49,83 @@ class StepSchedule:
 
 def run_steps(step: int, schedule: StepSchedule, stop: StopRequest, runtime: Runtime, *,
               train_step: Callable[[int], bool], evaluate: Callable[[int], None],
-              save: Callable[[int, bool], None], evaluations: list) -> int:
+              save: Callable[[int, bool], None], evaluations: list,
+              settle: Callable[[], bool] = lambda: True) -> int:
     """Train from `step` to the end of `schedule`; returns EXIT_OK, EXIT_RESUMABLE or EXIT_DIVERGED.
 
-    `train_step(step)` takes one optimizer step and returns False if its loss was not finite (after saying
-    so); `evaluate(step)` appends an entry starting with the step to `evaluations` (the history a resumed
-    run carries, so a step is not evaluated twice); `save(step, finished)` writes a checkpoint.
+    `train_step(step)` takes one optimizer step and returns False if a loss it read was not finite (after
+    saying so); `evaluate(step)` appends an entry starting with the step to `evaluations` (the history a
+    resumed run carries, so a step is not evaluated twice); `save(step, finished)` writes a checkpoint.
+    `settle()` finishes the bookkeeping of a step `train_step` left pending (False: its loss was not
+    finite); it runs before every evaluation, checkpoint and exit.
     """
     while True:
         last = step == schedule.num_iterations
         already_evaluated = bool(evaluations) and evaluations[-1][0] == step
-        if schedule.evaluation_due(step) and not already_evaluated:
+        evaluate_now = schedule.evaluation_due(step) and not already_evaluated
+        if (evaluate_now or last) and not settle():
+            return EXIT_DIVERGED
+        if evaluate_now:
             evaluate(step)
         if last:
             if schedule.save_final:
                 save(step, True)
             return EXIT_OK
         if stop.check(step, runtime):
+            if not settle():
+                return EXIT_DIVERGED
             save(step, False)
             return EXIT_RESUMABLE
         if not train_step(step):
             return EXIT_DIVERGED
         step += 1
         if schedule.checkpoint_due(step):
+            if not settle():
+                return EXIT_DIVERGED
             save(step, False)
+
+
+class LossReadback:
+    """A step's loss and duration on their way to the host.
+
+    On CUDA the loss is copied into pinned memory behind an event, so `read()` waits only for the work queued
+    before the copy, never for steps queued after it (`lagging`: read it after queueing the next step); the
+    duration runs from an event recorded when the step's launch began (it fires when the GPU gets there, so
+    a step queued behind another starts when that one ends) to the copy. Elsewhere the work has run by the
+    time the loss exists (CPU) or reading drains the queue anyway, so both are read at once."""
+
+    def __init__(self, device: torch.device):
+        self.lagging = device.type == "cuda"
+        self._host = torch.zeros((), dtype=torch.float32, pin_memory=True) if self.lagging else None
+        self._value: torch.Tensor | None = None
+        self._marks: tuple = ()
+
+    def begin(self):
+        """Mark the start of a step's launch; pass the mark to `start`."""
+        if self.lagging:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+            return mark
+        return time.perf_counter()
+
+    def start(self, loss: torch.Tensor, began) -> None:
+        """Begin bringing a step's 0-dim loss to the host (the previous one must have been read)."""
+        if self.lagging:
+            self._host.copy_(loss.detach().float(), non_blocking=True)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+            self._marks = (began, done)
+        else:
+            self._value = loss.detach()
+            self._marks = (began, time.perf_counter())
+
+    def read(self) -> tuple[float, float]:
+        """(loss, seconds from the step's start to its loss)."""
+        began, done = self._marks
+        if self.lagging:
+            done.synchronize()
+            return float(self._host), began.elapsed_time(done) / 1000
+        return float(self._value), done - began
 
 
 def rng_and_optimizer_state(optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict:

@@ -3,7 +3,9 @@
 Everything `--depth` implies comes from `nanochat.scaling.derive` and is printed at start. The loop checks
 the validation bits-per-byte, writes atomic checkpoints, resumes by itself from the latest complete one,
 saves and exits 75 on SIGUSR1/SIGUSR2/SIGTERM, and exits 3 (keeping the last good checkpoint) on a
-non-finite loss. One line per step, so `tail -f` on the log tells the story.
+non-finite loss. One line per step, so `tail -f` on the log tells the story; on CUDA each line comes one
+step late, when the next step is already queued (`nanochat.step_loop.LossReadback`), so the GPU never
+waits for the log.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import itertools
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +35,13 @@ from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime, warn0
 from nanochat.scaling import derive
 from nanochat.schedule import LRSchedule, muon_momentum
-from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
+from nanochat.step_loop import (
+    LossReadback,
+    StepSchedule,
+    restore_rng_and_optimizer,
+    rng_and_optimizer_state,
+    run_steps,
+)
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import Tokenizer, load_token_bytes
 
@@ -252,29 +259,15 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
     first_step = loop["step"]
+    readback = LossReadback(device)
+    pending: list[tuple[int, float]] = []  # (step, lr multiplier) of the step whose loss is on its way
 
-    def train_step(step: int) -> bool:
-        runtime.synchronize()
-        t0 = time.perf_counter()
-        lr_mult = schedule.multiplier(step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-            if group.get("kind") == "muon":
-                group["momentum"] = muon_momentum(step)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(hp.grad_accum_steps):
-            x, y = next(loader)
-            train_counts.index_add_(0, y.reshape(-1), token_ones)
-            with runtime.autocast():
-                loss = train_model(x, y)
-            loss_sum += loss.detach()
-            optimizer.reduce_in_backward = micro == hp.grad_accum_steps - 1
-            (loss / hp.grad_accum_steps).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / hp.grad_accum_steps).item()
-        runtime.synchronize()
-        dt = time.perf_counter() - t0
+    def settle() -> bool:
+        """Log the pending step (on CUDA one step late, see LossReadback); False if its loss was not finite."""
+        if not pending:
+            return True
+        step, lr_mult = pending.pop()
+        train_loss, dt = readback.read()
         if not math.isfinite(train_loss):
             print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
                             f"checkpoint in {out_dir} is kept; lower the learning rates and resume.")
@@ -302,10 +295,34 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
             _print_samples(model, tokenizer, runtime)
         return True
 
+    def train_step(step: int) -> bool:
+        began = readback.begin()
+        lr_mult = schedule.multiplier(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if group.get("kind") == "muon":
+                group["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(hp.grad_accum_steps):
+            x, y = next(loader)
+            train_counts.index_add_(0, y.reshape(-1), token_ones)
+            with runtime.autocast():
+                loss = train_model(x, y)
+            loss_sum += loss.detach()
+            optimizer.reduce_in_backward = micro == hp.grad_accum_steps - 1
+            (loss / hp.grad_accum_steps).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if not settle():  # the previous step: on CUDA this one is queued behind it, so the GPU stays busy
+            return False
+        readback.start(loss_sum / hp.grad_accum_steps, began)
+        pending.append((step, lr_mult))
+        return readback.lagging or settle()
+
     steps = StepSchedule(hp.num_iterations, config.eval_every, config.save_every, config.save_final)
     with loader:
         exit_code = run_steps(first_step, steps, stop, runtime, train_step=train_step, evaluate=evaluate,
-                              save=save, evaluations=loop["val_history"])
+                              save=save, evaluations=loop["val_history"], settle=settle)
     if wandb_run is not None:
         wandb_run.finish()
     if exit_code != EXIT_OK:
