@@ -150,45 +150,42 @@ def test_lr_is_scheduled_through_initial_lr():
         assert torch.equal(tensor, before[name]), name
 
 
-def test_state_dict_round_trip_gives_identical_next_step():
+def resume_and_compare(edit_saved_state=lambda state: None) -> tuple[MuonAdamW, MuonAdamW]:
+    """Train 3 steps, save the model and optimizer state, train 2 more; a fresh model and optimizer loaded from
+    the saved state (after `edit_saved_state` changes the optimizer's) must reach the same weights."""
     model = tiny_model()
     optimizer = model.setup_optimizer(**LRS)
     train_steps(model, optimizer, range(3))
     model_state = copy.deepcopy(model.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
+    edit_saved_state(optimizer_state)
     train_steps(model, optimizer, [3, 4])
 
     resumed = tiny_model(seed=99)
     resumed_optimizer = resumed.setup_optimizer(**LRS)
     resumed.load_state_dict(model_state)
     resumed_optimizer.load_state_dict(optimizer_state)
-    assert [g["initial_lr"] for g in resumed_optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
     train_steps(resumed, resumed_optimizer, [3, 4])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+    return optimizer, resumed_optimizer
+
+
+def test_state_dict_round_trip_gives_identical_next_step():
+    optimizer, resumed_optimizer = resume_and_compare()
+    assert [g["initial_lr"] for g in resumed_optimizer.param_groups] == [g["initial_lr"] for g in optimizer.param_groups]
 
 
 def test_adamw_resumes_from_step_counts_saved_as_integers():
     """Checkpoints written before the fused AdamW kernel kept each step count as a Python int."""
-    model = tiny_model()
-    optimizer = model.setup_optimizer(**LRS)
-    train_steps(model, optimizer, range(3))
-    model_state = copy.deepcopy(model.state_dict())
-    optimizer_state = copy.deepcopy(optimizer.state_dict())
-    counts = [state["step"] for state in optimizer_state["state"].values() if "step" in state]
-    assert counts and all(count.item() == 3 for count in counts)
-    for state in optimizer_state["state"].values():
-        if "step" in state:
-            state["step"] = int(state["step"].item())
-    train_steps(model, optimizer, [3])
 
-    resumed = tiny_model(seed=99)
-    resumed_optimizer = resumed.setup_optimizer(**LRS)
-    resumed.load_state_dict(model_state)
-    resumed_optimizer.load_state_dict(optimizer_state)
-    train_steps(resumed, resumed_optimizer, [3])
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    def as_integers(optimizer_state: dict) -> None:
+        counted = [state for state in optimizer_state["state"].values() if "step" in state]
+        assert counted and all(state["step"].item() == 3 for state in counted)
+        for state in counted:
+            state["step"] = int(state["step"].item())
+
+    resume_and_compare(as_integers)
 
 
 def test_param_group_validation():
