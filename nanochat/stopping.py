@@ -3,7 +3,8 @@ at the next step boundary, saves a checkpoint and exits with EXIT_RESUMABLE (75)
 
 SLURM sends USR1 (or USR2, which submitit uses because NCCL may own USR1) shortly before a time limit;
 cloud schedulers send TERM. Under torch.distributed every rank must stop at the same step, so the flag is
-combined across ranks with an all-reduce (`should_stop`).
+combined across ranks with an all-reduce (`should_stop`). That vote is read one boundary after it was
+cast: reading it at once would make every rank wait for its GPU to finish all queued work at every step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._vote: _StopVote | None = None  # cast at the previous boundary (distributed only)
 
     @property
     def requested(self) -> bool:
@@ -39,12 +41,15 @@ class StopRequest:
         return self
 
     def should_stop(self, device: torch.device, distributed: bool) -> bool:
-        """True on every rank if any rank received a stop signal."""
+        """True on every rank, at the same boundary, once any rank has received a stop signal.
+
+        One process: at the first boundary after the signal. Distributed: every boundary casts a vote (an
+        all-reduce queued behind the work already launched) and acts on the previous boundary's, so a signal
+        takes effect one boundary later and no rank waits for its GPU to drain."""
         if not distributed:
             return self.requested
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        previous, self._vote = self._vote, _StopVote(self.requested, device)
+        return previous is not None and previous.result()
 
     def check(self, step: int, runtime: Runtime) -> bool:
         """`should_stop` at a step boundary, announced once (rank 0) with what happens next."""
@@ -53,3 +58,28 @@ class StopRequest:
         print0(runtime, f"step {step:06d} | {self.signal_name or 'stop'} received: saving and exiting "
                         f"{EXIT_RESUMABLE} (run the same command again to resume)")
         return True
+
+
+class _StopVote:
+    """One boundary's stop flag, all-reduced (MAX) over ranks without blocking the host.
+
+    On CUDA the result is copied into pinned memory behind an event, so `result()` waits only for the work
+    queued before the vote; elsewhere (gloo on CPU) it waits for the collective itself."""
+
+    def __init__(self, requested: bool, device: torch.device):
+        self._flag = torch.full((1,), int(requested), dtype=torch.int32, device=device)  # no host-to-device copy
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        self._event = None
+        if self._flag.is_cuda:
+            self._work.wait()  # the stream waits for the collective; the host does not
+            self._host = torch.empty((1,), dtype=torch.int32, pin_memory=True)
+            self._host.copy_(self._flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+            return bool(self._host.item())
+        self._work.wait()
+        return bool(self._flag.item())

@@ -1,0 +1,51 @@
+"""Stop requests: one process stops at the first boundary after a signal; under torch.distributed every rank
+stops at the same boundary, one after the one where any rank had the signal (the vote is read late)."""
+
+import json
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat.stopping import STOP_SIGNALS, StopRequest
+
+BOUNDARIES = 6
+SIGNALLED_AT = 2
+
+
+def test_one_process_stops_at_the_first_boundary_after_a_signal():
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    stop = StopRequest().install()
+    try:
+        assert not stop.should_stop(torch.device("cpu"), distributed=False)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop(torch.device("cpu"), distributed=False)
+        assert stop.signal_name == "SIGUSR1"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def vote_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        stop = StopRequest()
+        decisions = []
+        for boundary in range(BOUNDARIES):
+            if rank == 1 and boundary == SIGNALLED_AT:
+                stop.signal_name = "SIGUSR1"
+            decisions.append(stop.should_stop(torch.device("cpu"), distributed=True))
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(decisions, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_same_boundary_one_after_the_signal(tmp_path):
+    mp.spawn(vote_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    expected = [boundary > SIGNALLED_AT for boundary in range(BOUNDARIES)]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
