@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+from nanochat.host_value import HostValue
 from nanochat.runtime import Runtime
 from nanochat.stopping import StopRequest
 
@@ -86,19 +87,16 @@ def run_steps(step: int, schedule: StepSchedule, stop: StopRequest, runtime: Run
 
 
 class LossReadback:
-    """A step's loss and duration on their way to the host.
+    """A step's loss and duration on their way to the host (`nanochat.host_value.HostValue`).
 
-    On CUDA the loss is copied into pinned memory behind an event, so `read()` waits only for the work queued
-    before the copy, never for steps queued after it (`lagging`: read it after queueing the next step); the
-    duration runs from an event recorded when the step's launch began (it fires when the GPU gets there, so
-    a step queued behind another starts when that one ends) to the copy. Elsewhere the work has run by the
-    time the loss exists (CPU) or reading drains the queue anyway, so both are read at once."""
+    On CUDA reading waits only for the step's own work (`lagging`: read it after queueing the next step);
+    the duration runs from an event recorded when the step's launch began (it fires when the GPU gets there,
+    so a step queued behind another starts when that one ends) to the loss's copy. Elsewhere the work has
+    run by the time the loss exists (CPU) or reading drains the queue anyway, so both are read at once."""
 
     def __init__(self, device: torch.device):
         self.lagging = device.type == "cuda"
-        self._host = torch.zeros((), dtype=torch.float32, pin_memory=True) if self.lagging else None
-        self._value: torch.Tensor | None = None
-        self._marks: tuple = ()
+        self._pending: tuple = ()
 
     def begin(self):
         """Mark the start of a step's launch; pass the mark to `start`."""
@@ -109,23 +107,14 @@ class LossReadback:
         return time.perf_counter()
 
     def start(self, loss: torch.Tensor, began) -> None:
-        """Begin bringing a step's 0-dim loss to the host (the previous one must have been read)."""
-        if self.lagging:
-            self._host.copy_(loss.detach().float(), non_blocking=True)
-            done = torch.cuda.Event(enable_timing=True)
-            done.record()
-            self._marks = (began, done)
-        else:
-            self._value = loss.detach()
-            self._marks = (began, time.perf_counter())
+        """Begin bringing a step's 0-dim loss to the host."""
+        self._pending = (HostValue(loss.detach().float()), began, None if self.lagging else time.perf_counter())
 
     def read(self) -> tuple[float, float]:
         """(loss, seconds from the step's start to its loss)."""
-        began, done = self._marks
-        if self.lagging:
-            done.synchronize()
-            return float(self._host), began.elapsed_time(done) / 1000
-        return float(self._value), done - began
+        loss, began, done = self._pending
+        value = loss.read()
+        return value, began.elapsed_time(loss.event) / 1000 if self.lagging else done - began
 
 
 def rng_and_optimizer_state(optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.configargs import EXIT_RESUMABLE
+from nanochat.host_value import HostValue
 from nanochat.runtime import Runtime, print0
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -61,25 +62,16 @@ class StopRequest:
 
 
 class _StopVote:
-    """One boundary's stop flag, all-reduced (MAX) over ranks without blocking the host.
-
-    On CUDA the result is copied into pinned memory behind an event, so `result()` waits only for the work
-    queued before the vote; elsewhere (gloo on CPU) it waits for the collective itself."""
+    """One boundary's stop flag, all-reduced (MAX) over ranks; reading it waits only for the work queued
+    before the vote (`nanochat.host_value.HostValue`), or for the collective itself on gloo."""
 
     def __init__(self, requested: bool, device: torch.device):
-        self._flag = torch.full((1,), int(requested), dtype=torch.int32, device=device)  # no host-to-device copy
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
-        self._event = None
-        if self._flag.is_cuda:
+        flag = torch.full((1,), int(requested), dtype=torch.int32, device=device)  # no host-to-device copy
+        self._work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if flag.is_cuda:
             self._work.wait()  # the stream waits for the collective; the host does not
-            self._host = torch.empty((1,), dtype=torch.int32, pin_memory=True)
-            self._host.copy_(self._flag, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self._value = HostValue(flag)
 
     def result(self) -> bool:
-        if self._event is not None:
-            self._event.synchronize()
-            return bool(self._host.item())
         self._work.wait()
-        return bool(self._flag.item())
+        return bool(self._value.read())
