@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,24 +29,32 @@ def test_one_process_stops_at_the_first_boundary_after_a_signal():
             signal.signal(sig, handler)
 
 
-def vote_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def vote_worker(rank: int, world_size: int, backend: str, store_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         stop = StopRequest()
         decisions = []
         for boundary in range(BOUNDARIES):
             if rank == 1 and boundary == SIGNALLED_AT:
                 stop.signal_name = "SIGUSR1"
-            decisions.append(stop.should_stop(torch.device("cpu"), distributed=True))
+            decisions.append(stop.should_stop(device, distributed=True))
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(decisions, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_stops_at_the_same_boundary_one_after_the_signal(tmp_path):
-    mp.spawn(vote_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")),
+])
+def test_every_rank_stops_at_the_same_boundary_one_after_the_signal(tmp_path, backend):
+    mp.spawn(vote_worker, args=(2, backend, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     expected = [boundary > SIGNALLED_AT for boundary in range(BOUNDARIES)]
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
