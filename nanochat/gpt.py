@@ -131,10 +131,10 @@ def rotary_tables(positions: int, head_dim: int, device=None) -> tuple[torch.Ten
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles of its positions; cos/sin are (T, D/2)."""
+    """Rotate x (B, T, H, D) by the angles of its positions; cos/sin are (T, D/2)."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
@@ -186,11 +186,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None):
         batch, tokens, _ = x.shape
-        q = self.c_q(x).view(batch, tokens, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(batch, tokens, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q = apply_rotary(norm(q), cos, sin)
-        k = apply_rotary(norm(k), cos, sin)
+        q = self.c_q(x).view(batch, tokens, self.n_head, self.head_dim)
+        k = self.c_k(x).view(batch, tokens, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(batch, tokens, self.n_kv_head, self.head_dim)
+        # Norm and rotate token-major, then view as (B, H, T, D): q, k and v stay token-major in memory, so the
+        # attention output (laid out like q) reshapes back to (B, T, C) without a copy, and its gradient
+        # arrives in the output's own layout (cuDNN's backward copies a gradient laid out otherwise).
+        q = apply_rotary(norm(q), cos, sin).transpose(1, 2)
+        k = apply_rotary(norm(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
         y = attention(q, k, v, self.window, None if kv_cache is not None else self.window_kernel)

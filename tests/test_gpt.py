@@ -154,6 +154,29 @@ def test_gqa_runs_and_backprops():
     assert torch.isfinite(loss) and model.transformer.h[0].attn.c_k.weight.grad is not None
 
 
+def test_attention_gets_token_major_inputs_and_its_output_reshapes_without_a_copy(monkeypatch):
+    """q, k, v reach attention as (B, H, T, D) views of token-major memory: an output laid out like q then
+    reshapes back to (B, T, C) as a view, and its gradient comes back in that same layout."""
+    import nanochat.gpt as gpt
+
+    seen = []
+    reference_attention = gpt.attention
+
+    def recording_attention(q, k, v, window, kernel=None):
+        seen.append([t.stride() for t in (q, k, v)])
+        return reference_attention(q, k, v, window, kernel)
+
+    model = random_model(tiny_config(n_kv_head=2))
+    monkeypatch.setattr(gpt, "attention", recording_attention)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    model(idx, idx)
+    heads, kv_heads, dim = 4, 2, 8
+    assert len(seen) == model.config.n_layer
+    for q_stride, k_stride, v_stride in seen:
+        assert q_stride[1:] == (dim, heads * dim, 1)
+        assert k_stride[1:] == v_stride[1:] == (dim, kv_heads * dim, 1)
+
+
 def greedy_with_cache(model: GPT, prompt: torch.Tensor, steps: int, prefill_chunks: int = 1):
     cache = make_cache(model, prompt.size(0), prompt.size(1) + steps)
     logits = None
