@@ -22,8 +22,9 @@ class HostValue:
         else:
             self._host = value
 
-    def read(self) -> float:
-        """The value, once the work queued before the copy has finished."""
+    def read(self) -> float | list:
+        """The value (a number for a 0-dim tensor, else nested lists), once the work queued before the copy
+        has finished."""
         if self.event is not None:
             self.event.synchronize()
-        return self._host.item()
+        return self._host.tolist()

@@ -7,10 +7,11 @@ finite ends the run with 3 and keeps the last good checkpoint. `run_steps` is th
 what one step, one evaluation and one checkpoint are. `rng_and_optimizer_state` and
 `restore_rng_and_optimizer` are the part of a checkpoint every stage writes and reads the same way.
 
-`LossReadback` lets a stage read a step's loss (and duration) one step late on CUDA: the next step's work is
-already queued when the host waits for the number, so the GPU never idles between steps (reading it at once
-with `.item()` drains the queue and starts every step on an idle GPU). A stage that defers its bookkeeping that
-way passes `settle`, which `run_steps` calls before anything that must see every finished step.
+`LossReadback` lets a stage read a step's loss (with any counts, and the duration) one step late on CUDA:
+the next step's work is already queued when the host waits for the numbers, so the GPU never idles between
+steps (reading them at once with `.item()` drains the queue and starts every step on an idle GPU). A stage
+that defers its bookkeeping that way passes `settle`, which `run_steps` calls before anything that must see
+every finished step.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def run_steps(step: int, schedule: StepSchedule, stop: StopRequest, runtime: Run
 
 
 class LossReadback:
-    """A step's loss and duration on their way to the host (`nanochat.host_value.HostValue`).
+    """A step's loss (or a 1-D tensor of the loss and counts) and duration on their way to the host
+    (`nanochat.host_value.HostValue`).
 
     On CUDA reading waits only for the step's own work (`lagging`: read it after queueing the next step);
     the duration runs from an event recorded when the step's launch began (it fires when the GPU gets there,
@@ -106,15 +108,17 @@ class LossReadback:
             return mark
         return time.perf_counter()
 
-    def start(self, loss: torch.Tensor, began) -> None:
-        """Begin bringing a step's 0-dim loss to the host."""
-        self._pending = (HostValue(loss.detach().float()), began, None if self.lagging else time.perf_counter())
+    def start(self, numbers: torch.Tensor, began) -> None:
+        """Begin bringing a step's numbers to the host: a 0-dim loss, or a 1-D tensor of the loss and counts
+        (carried in float64, exact for counts below 2**53)."""
+        finished = None if self.lagging else time.perf_counter()
+        self._pending = (HostValue(numbers.detach().double()), began, finished)
 
-    def read(self) -> tuple[float, float]:
-        """(loss, seconds from the step's start to its loss)."""
-        loss, began, done = self._pending
-        value = loss.read()
-        return value, began.elapsed_time(loss.event) / 1000 if self.lagging else done - began
+    def read(self) -> tuple[float | list[float], float]:
+        """(the loss, or the list of numbers, as given; seconds from the step's start to its numbers)."""
+        numbers, began, done = self._pending
+        value = numbers.read()
+        return value, began.elapsed_time(numbers.event) / 1000 if self.lagging else done - began
 
 
 def rng_and_optimizer_state(optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict:

@@ -74,4 +74,4 @@ class _StopVote:
 
     def result(self) -> bool:
         self._work.wait()
-        return bool(self._value.read())
+        return bool(self._value.read()[0])

@@ -159,15 +159,18 @@ def test_loss_readback_off_cuda_reads_at_once():
     readback.start(torch.tensor(2.5, dtype=torch.bfloat16), began)
     loss, seconds = readback.read()
     assert loss == 2.5 and 0.01 <= seconds < 5
+    # a loss with counts: every number read back as given, counts exact beyond float32's 2**24
+    readback.start(torch.tensor([7.25, 2.0 ** 30 + 1, 3.0], dtype=torch.float64), readback.begin())
+    assert readback.read()[0] == [7.25, 2.0 ** 30 + 1, 3.0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_loss_readback_on_cuda_reads_the_value_it_was_given_while_later_work_is_queued():
+def test_loss_readback_on_cuda_reads_the_numbers_it_was_given_while_later_work_is_queued():
     readback = LossReadback(torch.device("cuda"))
     assert readback.lagging
-    for value in (1.5, 3.25):
+    for value in (1.5, 3.25, [2.5, 2.0 ** 30 + 1, 4.0]):
         began = readback.begin()
-        loss = torch.full((), value, device="cuda")
+        loss = torch.tensor(value, device="cuda", dtype=torch.float64)
         torch.cuda._sleep(10_000_000)  # the step's own work: millions of GPU cycles before its loss
         readback.start(loss, began)
         loss.fill_(-1.0)  # queued after the copy: must not change what is read
