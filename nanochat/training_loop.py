@@ -4,8 +4,9 @@ A stage decides what data to train on; this module does the rest the same way ba
 source checkpoint, skip a finished run, resume from the latest complete checkpoint of the output folder,
 train with gradient accumulation and the warmup/constant/warmdown schedule, check the validation
 bits-per-byte (on assistant tokens), save atomic checkpoints whose meta carries the model config, save and
-exit 75 on SIGUSR1/SIGUSR2/SIGTERM, exit 3 without stepping on a non-finite loss, print one line per step and
-write the stage's report section.
+exit 75 on SIGUSR1/SIGUSR2/SIGTERM, exit 3 on a non-finite loss keeping the last good checkpoint, print one
+line per step (on CUDA one step late, so the GPU never waits for the host) and write the stage's report
+section.
 
 The loss of a step is the mean over every supervised target token of all micro-batches on all ranks (targets
 of -1 do not count), so padding and a varying number of assistant tokens per batch weigh nothing.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,13 @@ from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import Runtime, print0
 from nanochat.schedule import LRSchedule, muon_momentum
-from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
+from nanochat.step_loop import (
+    LossReadback,
+    StepSchedule,
+    restore_rng_and_optimizer,
+    rng_and_optimizer_state,
+    run_steps,
+)
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import load_token_bytes
 
@@ -254,21 +260,21 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
     first_step = loop["step"]
+    readback = LossReadback(device)
+    pending: list[tuple[int, float]] = []  # (step, lr multiplier) of the step whose numbers are on their way
 
-    def train_step(step: int) -> bool:
-        runtime.synchronize()
-        t0 = time.perf_counter()
-        lr_mult = schedule.multiplier(step)
-        _set_learning_rates(optimizer, lr_mult, step)
-        train_loss, supervised, tokens = _forward_backward(train_model, feed, job.grad_accum_steps, runtime)
+    def settle() -> bool:
+        """Log the pending step (on CUDA one step late, see LossReadback); False if its loss was not finite."""
+        if not pending:
+            return True
+        step, lr_mult = pending.pop()
+        (loss_sum, supervised, tokens), dt = readback.read()
+        supervised, tokens = int(supervised), int(tokens)
+        train_loss = loss_sum / max(supervised, 1)
         if not math.isfinite(train_loss):
             print0(runtime, f"step {step:06d} | loss is {train_loss}: training diverged. The last good "
                             f"checkpoint in {out_dir} is kept; lower the learning rates (--lr-scale) and resume.")
             return False
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        runtime.synchronize()
-        dt = time.perf_counter() - t0
         step += 1
         if not (use_compile and step == first_step + 1):
             loop["training_seconds"] += dt
@@ -282,10 +288,23 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
             wandb_run.log({"step": step, "train/loss": train_loss, "train/lr_mult": lr_mult})
         return True
 
+    def train_step(step: int) -> bool:
+        began = readback.begin()
+        lr_mult = schedule.multiplier(step)
+        _set_learning_rates(optimizer, lr_mult, step)
+        numbers = _forward_backward(train_model, feed, job.grad_accum_steps, runtime)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if not settle():  # the previous step: on CUDA this one is queued behind it, so the GPU stays busy
+            return False
+        readback.start(numbers, began)
+        pending.append((step, lr_mult))
+        return readback.lagging or settle()
+
     try:
         exit_code = run_steps(first_step, StepSchedule(job.num_iterations, config.eval_every, config.save_every),
                               stop, runtime, train_step=train_step, evaluate=evaluate, save=save,
-                              evaluations=loop["val_history"])
+                              evaluations=loop["val_history"], settle=settle)
     finally:
         feed.close()
         if wandb_run is not None:
@@ -298,22 +317,26 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     return EXIT_OK
 
 
-def _forward_backward(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> tuple[float, int, int]:
-    """Forward and backward over one step's micro-batches: (mean loss, supervised tokens, input tokens), the
-    counts summed over ranks. Gradients are left in place for the optimizer (which averages them over ranks)."""
+def _forward_backward(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches; returns (loss summed over supervised tokens,
+    supervised tokens, input tokens) as one float64 device tensor, each summed over ranks, for the host to read
+    when it needs them (nothing here waits for the GPU). Gradients are left in place for the optimizer (which
+    averages them over ranks), scaled so that they are those of the mean loss over every supervised token."""
     batches = [next(feed) for _ in range(grad_accum_steps)]
-    counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)],
-                          device=runtime.device)
-    supervised, tokens = (int(v) for v in _all_reduce_sum(counts, runtime))
-    denominator = max(supervised, 1) / runtime.world_size
-    loss_sum = torch.zeros((), device=runtime.device)
+    numbers = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, supervised, input tokens
+    for _, y in batches:
+        numbers[1] += (y >= 0).sum()
+    numbers[2] = float(sum(x.numel() for x, _ in batches))
+    _all_reduce_sum(numbers, runtime)
+    denominator = numbers[1].clamp(min=1) / runtime.world_size
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     for x, y in batches:
         with runtime.autocast():
             loss = train_model(x, y, loss_reduction="sum")
-        (loss / denominator).backward()
-        loss_sum += loss.detach().float()
-    loss_sum = _all_reduce_sum(loss_sum, runtime)
-    return (loss_sum / max(supervised, 1)).item(), supervised, tokens
+        (loss / denominator.to(loss.dtype)).backward()
+        loss_sum += loss.detach()
+    numbers[0] = _all_reduce_sum(loss_sum, runtime)
+    return numbers
 
 
 def first_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int):

@@ -4,6 +4,7 @@ chat_sft stages end to end on the tiny demo cache: checkpoints, stop-signal resu
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -146,6 +147,16 @@ def test_mid_and_sft_end_to_end(tiny_cache):
     assert report["phase"] == "SFT" and len(report["loss_history"]) == 12
     assert report["text_rows_per_batch"] == 2 and report["examples_seen"] == 12 * 4
     assert [v[0] for v in report["val_history"]] == [0, 6, 12]
+
+    # a step whose loss is not finite ends the run with 3; every checkpoint left holds only finite losses
+    boom = run_stage("chat_sft", *sft, "--lr-scale", "1e20", "--save-every", "1", cache=twin, check=False)
+    assert boom.returncode == 3, boom.stdout[-2000:] + boom.stderr[-2000:]
+    assert "training diverged" in boom.stdout and "--lr-scale" in boom.stdout
+    boom_dir = twin / "chatsft_checkpoints" / "d2"
+    last_good = ckpt.latest_complete_step(boom_dir)
+    if last_good is not None:
+        history = ckpt.read_meta(boom_dir, last_good)["loop_state"]["loss_history"]
+        assert len(history) == last_good and all(math.isfinite(loss) for _, loss in history)
 
     # the same cache seen as a real-data cache, offline: one line naming the download step, nothing written
     (tiny_cache / "DEMO").unlink()
