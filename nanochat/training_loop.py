@@ -328,12 +328,12 @@ def _forward_backward(train_model, feed: TrainFeed, grad_accum_steps: int, runti
         numbers[1] += (y >= 0).sum()
     numbers[2] = float(sum(x.numel() for x, _ in batches))
     _all_reduce_sum(numbers, runtime)
-    denominator = numbers[1].clamp(min=1) / runtime.world_size
+    denominator = (numbers[1].clamp(min=1) / runtime.world_size).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     for x, y in batches:
         with runtime.autocast():
             loss = train_model(x, y, loss_reduction="sum")
-        (loss / denominator.to(loss.dtype)).backward()
+        (loss / denominator).backward()
         loss_sum += loss.detach()
     numbers[0] = _all_reduce_sum(loss_sum, runtime)
     return numbers
