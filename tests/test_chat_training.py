@@ -169,6 +169,23 @@ def test_mid_and_sft_end_to_end(tiny_cache):
     assert sorted(p.name for p in sft_dir.iterdir()) == before
 
 
+def test_two_process_mid_train_sums_counts_over_ranks(tiny_cache):
+    """torchrun with two CPU (gloo) workers: each step's token counts and loss are summed over both ranks."""
+    run_stage("base_train", *BASE, cache=tiny_cache)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tiny_cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    mid = [*COMMON, "--num-iterations", "4", "--eval-every", "-1", "--total-batch-size", "512"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "scripts.mid_train", *mid], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tiny_cache / "report" / "mid_train.json").read_text())
+    # 4 rows of 64 tokens per rank and step: 512 tokens a step only when both ranks' counts are summed
+    assert report["world_size"] == 2 and report["grad_accum_steps"] == 1
+    assert report["tokens_seen"] == 4 * 512
+    assert 0 < report["supervised_tokens"] <= report["tokens_seen"]
+    assert all(math.isfinite(loss) for _, loss in report["loss_history"]) and len(report["loss_history"]) == 4
+
+
 def test_bad_flags_exit_2(tiny_cache):
     proc = run_stage("chat_sft", "--pretrain-mix", "1.5", cache=tiny_cache, check=False)
     assert proc.returncode == 2 and "--pretrain-mix" in proc.stderr
