@@ -99,6 +99,38 @@ def test_signal_saves_and_exits_75_then_resumes(tiny_cache):
     assert "nothing to do" in rerun.stdout
 
 
+def _torchrun_two_workers(module: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", f"scripts.{module}", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_process_run_resumes_only_with_the_same_number_of_processes(tiny_cache):
+    """torchrun with two CPU (gloo) workers: per-rank checkpoints, a one-process resume refused in one line
+    without touching them, then the two-process resume finishing the run."""
+    args = [*TINY, "--num-iterations", "4", "--save-every", "2", "--model-tag", "two"]
+    first = _torchrun_two_workers("base_train", *args, "--no-save-final", cache=tiny_cache)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    directory = tiny_cache / "base_checkpoints" / "two"
+    assert ckpt.latest_complete_step(directory) == 2
+    meta = ckpt.read_meta(directory, 2)
+    assert meta["world_size"] == 2 and not meta["finished"]
+    written = sorted(p.name for p in directory.iterdir())
+
+    alone = run_stage("base_train", *args, cache=tiny_cache, check=False)
+    lines = alone.stderr.strip().splitlines()
+    assert alone.returncode == 2 and len(lines) == 1 and "resume with the same number" in lines[0], alone.stderr
+    assert sorted(p.name for p in directory.iterdir()) == written
+
+    again = _torchrun_two_workers("base_train", *args, cache=tiny_cache)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {directory} at step 2" in again.stdout
+    meta = ckpt.read_meta(directory, 4)
+    assert meta["finished"] and meta["world_size"] == 2
+    assert [step for step, _ in meta["loop_state"]["loss_history"]] == [1, 2, 3, 4]
+
+
 def test_report_section_and_learning(tiny_cache):
     run_stage("base_train", *TINY, "--num-iterations", "30", "--model-tag", "learn", cache=tiny_cache)
     report = json.loads((tiny_cache / "report" / "base_train.json").read_text())
