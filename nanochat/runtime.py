@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,21 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+HIGH_PRIORITY_ENV = "TORCH_NCCL_HIGH_PRIORITY"
+
+
+def process_group_options(backend: str, environ: Mapping[str, str]) -> dict:
+    """Extra `init_process_group` arguments: NCCL gets high-priority CUDA streams.
+
+    Gradient reductions then start as soon as their inputs are ready instead of queueing behind compute
+    kernels (four H200s at depth 20: the optimizer phase 21.8 -> 17.9 ms, docs/benchmarks.md). Where the
+    user set TORCH_NCCL_HIGH_PRIORITY (0 or 1), torch's own reading of it decides and no option is passed.
+    """
+    if backend != "nccl" or HIGH_PRIORITY_ENV in environ:
+        return {}
+    return {"pg_options": dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)}
+
+
 def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "auto") -> Runtime:
     """Pick the device, join the process group started by torchrun (if any), seed and set matmul precision.
 
@@ -82,7 +98,8 @@ def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "a
         device = torch.device(dtype)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dtype == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if dtype == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if dtype == "cuda" else None,
+                                **process_group_options(backend, os.environ))
     torch.manual_seed(seed)
     if dtype == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

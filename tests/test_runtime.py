@@ -1,0 +1,55 @@
+"""The runtime set-up's process-group arguments: NCCL on high-priority streams unless the user chose."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nanochat.runtime import process_group_options
+
+
+class FakeNCCL:
+    class Options:
+        def __init__(self, is_high_priority_stream: bool = False):
+            self.is_high_priority_stream = is_high_priority_stream
+
+
+def test_gloo_gets_no_extra_arguments():
+    assert process_group_options("gloo", {}) == {}
+
+
+def test_nccl_gets_high_priority_streams(monkeypatch):
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    options = process_group_options("nccl", {"PATH": "/usr/bin"})
+    assert set(options) == {"pg_options"}
+    assert options["pg_options"].is_high_priority_stream is True
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_users_own_setting_is_left_to_torch(monkeypatch, value):
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    assert process_group_options("nccl", {"TORCH_NCCL_HIGH_PRIORITY": value}) == {}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_one_rank_nccl_group_runs_collectives_with_the_options():
+    device = torch.device("cuda", 0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            device_id=device, **process_group_options("nccl", {}))
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(device)
+        assert backend.options.is_high_priority_stream
+        tensor = torch.arange(4.0, device=device)
+        dist.all_reduce(tensor)
+        gathered = torch.empty(4, device=device)
+        dist.all_gather_into_tensor(gathered, tensor)
+        assert torch.equal(gathered.cpu(), torch.arange(4.0))
+    finally:
+        dist.destroy_process_group()
