@@ -44,6 +44,7 @@ from nanochat.step_loop import (
 )
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import load_token_bytes
+from nanochat.tracking import TRACKING_OFF, require_tracker, start_tracking
 
 
 @dataclass
@@ -68,7 +69,7 @@ class FinetuneConfig(OptimizerFlags):
         "help": "JSONL of identity conversations (default: the cache's tasks/identity.jsonl)"})
     identity_epochs: int = field(default=1, metadata={"help": "passes over the identity conversations"})
     mixture_seed: int = field(default=0, metadata={"help": "seed of the shuffled order of the training mixture"})
-    run: str = field(default="dummy", metadata={"help": "wandb run name; 'dummy' keeps wandb off"})
+    run: str = field(default=TRACKING_OFF, metadata={"help": f"wandb run name; {TRACKING_OFF!r} keeps wandb off"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
     force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
     seed: int = 42
@@ -79,6 +80,7 @@ class FinetuneConfig(OptimizerFlags):
         "help": ATTENTION_FLAG_HELP})
 
     def __post_init__(self) -> None:
+        require_tracker(self.run)
         for name in ("device_batch_size", "eval_batches"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         require(self.max_seq_len is None or self.max_seq_len > 1, "--max-seq-len must be at least 2")
@@ -160,14 +162,6 @@ def _build_model(model_config: GPTConfig, state: dict, device: torch.device) -> 
     return model
 
 
-def _setup_wandb(config: FinetuneConfig, is_master: bool, stage: str):
-    if config.run == "dummy" or not is_master:
-        return None
-    import wandb  # imported only when asked for: wandb is slow to import and off by default
-
-    return wandb.init(project="nanochat", name=config.run, job_type=stage, config=dataclasses.asdict(config))
-
-
 def _set_learning_rates(optimizer, lr_mult: float, step: int) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_mult
@@ -235,7 +229,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     token_bytes = load_token_bytes(tokenizer_dir()).to(device)
     schedule = LRSchedule(job.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
     stop = StopRequest().install()
-    wandb_run = _setup_wandb(config, runtime.is_master, job.stage)
+    wandb_run = start_tracking(config.run, runtime.is_master, dataclasses.asdict(config), job_type=job.stage)
     feed = job.make_feed(feed_state)
 
     def evaluate(step: int) -> None:

@@ -44,6 +44,7 @@ from nanochat.step_loop import (
 )
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import Tokenizer, load_token_bytes
+from nanochat.tracking import TRACKING_OFF, require_tracker, start_tracking
 
 
 @dataclass
@@ -71,7 +72,7 @@ class BaseTrainConfig(OptimizerFlags):
         "help": "write the final checkpoint (--no-save-final: short sweep runs keep only the report)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "intermediate checkpoints kept (the newest ones)"})
     model_tag: str | None = field(default=None, metadata={"help": "checkpoint folder name (default d<depth>)"})
-    run: str = field(default="dummy", metadata={"help": "wandb run name; 'dummy' keeps wandb off"})
+    run: str = field(default=TRACKING_OFF, metadata={"help": f"wandb run name; {TRACKING_OFF!r} keeps wandb off"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
     force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
     seed: int = 42
@@ -90,6 +91,7 @@ class BaseTrainConfig(OptimizerFlags):
 
     def __post_init__(self) -> None:
         require(self.depth > 0, f"--depth must be a positive number of layers, got {self.depth}")
+        require_tracker(self.run)
         for name in ("aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
                      "eval_every", "eval_tokens", "tokenizer_threads"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -102,14 +104,6 @@ class BaseTrainConfig(OptimizerFlags):
                 "--warmup-ratio and --warmdown-ratio must be in [0, 1] and add up to at most 1")
         if self.model_tag is None:
             self.model_tag = f"d{self.depth}"
-
-
-def _setup_wandb(config: BaseTrainConfig, is_master: bool, hyperparams: dict):
-    if config.run == "dummy" or not is_master:
-        return None
-    import wandb  # imported only when asked for: wandb is slow to import and off by default
-
-    return wandb.init(project="nanochat", name=config.run, config=hyperparams)
 
 
 def _check_inputs() -> tuple[Tokenizer, list]:
@@ -222,8 +216,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         warn0(runtime, f"MFU is not reported: no peak FLOP/s known for {torch.cuda.get_device_name(device)!r} "
                        "(set NANOCHAT_PEAK_FLOPS to the card's dense bf16 FLOP/s)")
     stop = StopRequest().install()
-    wandb_run = _setup_wandb(config, runtime.is_master, {"config": dataclasses.asdict(config),
-                                                          "model": dataclasses.asdict(hp.model_config)})
+    wandb_run = start_tracking(config.run, runtime.is_master, {"config": dataclasses.asdict(config),
+                                                               "model": dataclasses.asdict(hp.model_config)})
     val_steps = max(1, config.eval_tokens // (B * T * runtime.world_size))
 
     def evaluate(step: int) -> None:
