@@ -10,7 +10,8 @@ import pytest
 from nanochat.configargs import EXIT_USAGE, UsageError, run_stage
 from nanochat.tracking import require_tracker, start_tracking
 from nanochat.training_loop import FinetuneConfig
-from scripts.base_train import BaseTrainConfig, main as base_train_main
+from scripts.base_train import BaseTrainConfig
+from scripts.base_train import main as base_train_main
 
 
 @pytest.fixture
