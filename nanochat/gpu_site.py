@@ -5,7 +5,7 @@ Decisions (each applied fix prints one loud line on stderr, and is returned):
   GB10's unified memory), unless the user set PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF. The allocator
   reads it when it first allocates, so call this before the first CUDA tensor is made (reading the device
   properties is fine: it allocates nothing); if CUDA is already initialised it is also applied at run
-  time through `torch.cuda.memory._set_allocator_settings`, which affects new memory segments only.
+  time through torch's allocator-settings call, which affects new memory segments only.
 - sm_12x (GB10 is sm_121a): Triton's bundled ptxas may not know the architecture ("Value 'sm_121a' is not
   defined for option 'gpu-name'"); when TRITON_PTXAS_PATH is unset, point it at a system ptxas from CUDA
   12.9 or later (the first that knows sm_121), looked for in /usr/local/cuda/bin and on PATH.
@@ -93,7 +93,10 @@ def _apply_allocator_settings_now() -> None:
     import torch
 
     if torch.cuda.is_initialized():
-        torch.cuda.memory._set_allocator_settings(EXPANDABLE_SEGMENTS)
+        set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+        if set_settings is None:
+            set_settings = torch.cuda.memory._set_allocator_settings
+        set_settings(EXPANDABLE_SEGMENTS)
 
 
 def apply_site_fixes(device_props, environ: MutableMapping[str, str] | None = None,
