@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanochat.configargs import UsageError
-from nanochat.engine import Engine
+from nanochat.engine import Engine, batch_decode_path
 from nanochat.execution import run_to_completion
 from nanochat.tasks import SmolTalk, Task, is_demo_cache, make_task
 from nanochat.tasks.humaneval import program as humaneval_program
@@ -221,8 +221,9 @@ def evaluate_task(name: str, task: Task | DemoFacts, model, tokenizer, device, m
                                             batch_size, autocast)
                 bar.update(min(batch_size, len(examples) - start))
         else:
-            outcomes, samples = run_generative(Engine(model, tokenizer), tokenizer, task, examples, num_samples,
-                                               max_new_tokens, temperature, top_k, keep_samples=keep_samples,
+            engine = Engine(model, tokenizer, decode=batch_decode_path(device))
+            outcomes, samples = run_generative(engine, tokenizer, task, examples, num_samples, max_new_tokens,
+                                               temperature, top_k, keep_samples=keep_samples,
                                                progress=lambda: bar.update(1))
     correct, total = _sum_over_ranks(sum(outcomes), len(outcomes), device, world_size)
     return TaskScore(name, task.kind, correct, total, baseline_of(name), samples)

@@ -20,7 +20,7 @@ from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.core_eval import evaluate_core, load_bundle
 from nanochat.dataloader import PackedTokenLoader, split_shards
 from nanochat.demo_data import read_manifest
-from nanochat.engine import Engine
+from nanochat.engine import Engine, batch_decode_path
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint, load_model
 from nanochat.paths import base_dir, data_dir, tokenizer_dir
@@ -106,7 +106,7 @@ def _evaluate(config, runtime, root, bundle, train_files, val_files, started) ->
 
     samples = []
     if runtime.is_master:
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, decode=batch_decode_path(runtime.device))
         for prompt in SAMPLE_PROMPTS:
             ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
             answers, _ = engine.generate_batch(ids, num_samples=1, max_tokens=SAMPLE_TOKENS, temperature=0.0)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from nanochat import checkpoint as ckpt
 from nanochat.chat_eval_runner import evaluate_task
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
-from nanochat.engine import Engine
+from nanochat.engine import Engine, batch_decode_path
 from nanochat.gpt import GPT
 from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
@@ -206,10 +206,10 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     num_iterations = config.num_iterations if config.num_iterations > 0 else max(1, problems // config.examples_per_step)
     order = list(range(problems))
     random.Random(config.seed).shuffle(order)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, decode=batch_decode_path(device))
     stop = StopRequest().install()
     print0(runtime, f"chat_rl: {problems:,} train problems, {num_iterations} steps of {config.examples_per_step} "
-                    f"problems x {config.num_samples} samples")
+                    f"problems x {config.num_samples} samples, decoded on the {engine.decode!r} path")
 
     def evaluate(step: int) -> None:
         model.eval()

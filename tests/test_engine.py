@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nanochat.engine import Engine, TextStream
+from nanochat.engine import Engine, TextStream, batch_decode_path
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import train_tokenizer
 from tests.fixtures.models import random_gpt
@@ -167,3 +167,10 @@ def test_text_stream_holds_back_split_utf8(tokenizer):
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert "" in pieces
+
+
+def test_evaluation_and_rollouts_decode_with_the_cuda_graph_on_cuda_only():
+    assert batch_decode_path("cpu") == "dynamic"
+    assert batch_decode_path(torch.device("mps")) == "dynamic"
+    assert batch_decode_path("cuda") == "graph"
+    assert batch_decode_path(torch.device("cuda", 3)) == "graph"

@@ -142,6 +142,26 @@ def test_in_place_weight_updates_are_seen_and_replaced_parameters_make_the_decod
     assert decoder.is_stale()
 
 
+def test_the_decoder_follows_a_real_optimizer_step():
+    """Muon and AdamW update in place with foreach/fused ops; the decoder built before the step must see them
+    (RL rollouts decode with a decoder that outlives many optimizer steps)."""
+    model = random_model()
+    optimizer = model.setup_optimizer(unembedding_lr=0.05, embedding_lr=0.5, matrix_lr=0.2, scalar_lr=0.5)
+    prompt = [1, 5, 7]
+    decoder = StaticDecoder(model, 1, max_len=8)
+    decoder.load_prefix(prefilled(model, prompt)[0])
+    before = decoder.step([4], len(prompt)).clone()
+    loss = model(torch.tensor([prompt + [4]]), targets=torch.tensor([[5, 7, 4, 2]]))
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt + [4]]))[:, -1]
+    decoder.load_prefix(prefilled(model, prompt)[0])
+    after = decoder.step([4], len(prompt))
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, expected, **TIGHT)
+
+
 class ForcingEngine(Engine):
     """Forces a fixed token run into every row after its third token, as the calculator tool would."""
 
