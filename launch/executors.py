@@ -162,7 +162,10 @@ class PipelineRunner:
             if self.stop_requested:
                 status = EXIT_RESUMABLE
                 break
+            stage_started = time.monotonic()
             status = self._run_stage(name)
+            if status == 0:
+                self.say(f"stage {name} finished in {time.monotonic() - stage_started:.0f} s")
             if status == 0 and self.stop_requested:
                 status = EXIT_RESUMABLE
             if status != 0:

@@ -65,6 +65,8 @@ def test_runs_stages_in_order_with_logs(tmp_path):
     assert f"tok_eval sees {tmp_path / 'cache'} []" in (folder / "tok_eval.log").read_text()
     assert "report done" in (folder / "report.log").read_text()
     assert "tok_eval sees" in terminal and "all 2 stages finished" in terminal
+    assert re.search(r"\[launch\] stage tok_eval finished in \d+ s\n", terminal)
+    assert terminal.index("stage tok_eval finished") < terminal.index("stage report:")
     ends = [LINE.match(line) for line in (folder / "launch.log").read_text().splitlines() if "event=end" in line]
     assert [(m.group(1), m.group(2)) for m in ends] == [("tok_eval", "0"), ("report", "0")]
 
@@ -82,6 +84,7 @@ def test_stops_at_first_failure_with_its_status(tmp_path):
     assert "stage=tok_eval event=end status=3" in log and "stage=report" not in log
     assert "event=launch_end status=3" in log
     assert "training diverged" in terminal and "all 2 stages finished" not in terminal
+    assert "stage tok_eval finished" not in terminal
 
 
 STOPPABLE = """
