@@ -1,7 +1,8 @@
 """Preflight: everything a launch needs, checked where it is cheap (the login node), before anything runs.
 
 For each requested stage, the cache inputs it reads must exist unless an earlier requested stage produces
-them; the cache filesystem must have room for what the stages write; the batch flags must fit the GPUs.
+them; the cache filesystem must have room for what the stages write; the batch flags must fit the GPUs;
+a wandb run name needs wandb installed (the stages would refuse it only once the job runs).
 Every problem is one line naming the command that fixes it; any problem makes the launcher exit 2.
 """
 
@@ -18,6 +19,7 @@ from launch.detect import GpuProbe, probe_gpus
 from launch.slurm_env import inside_job
 from launch.stages import CHECKPOINT_PHASE, STAGES_BY_NAME, stage_needs
 from nanochat import paths
+from nanochat.tracking import TRACKING_OFF, wandb_installed
 
 DEMO_MARKER = "DEMO"
 MIN_DEMO_SHARDS = 2
@@ -210,13 +212,26 @@ class _Checker:
                                            f"finds none here", "python -m launch --site cpu"))
 
 
+    def tracking(self, report: PreflightReport, installed: Callable[[], bool]) -> None:
+        run_name = self.config.run.run_name
+        if not run_name or run_name == TRACKING_OFF:
+            return
+        tracked = [name for name in self.stages if ("--run", "run_name") in STAGES_BY_NAME[name].flags]
+        if tracked and not installed():
+            report.problems.append(Problem(
+                f"RUN_NAME={run_name} logs {', '.join(tracked)} to wandb, which is not installed here",
+                "pip install wandb, or unset RUN_NAME"))
+
+
 def run_preflight(config: LaunchConfig, stages: Sequence[str], probe: GpuProbe = probe_gpus,
-                  free: FreeBytes = free_bytes, environ: Mapping[str, str] | None = None) -> PreflightReport:
-    """Check inputs, disk, batch flags and GPUs for running `stages` with `config`."""
+                  free: FreeBytes = free_bytes, environ: Mapping[str, str] | None = None,
+                  tracker_installed: Callable[[], bool] | None = None) -> PreflightReport:
+    """Check inputs, disk, batch flags, GPUs and experiment tracking for running `stages` with `config`."""
     checker = _Checker(config, stages)
     report = PreflightReport()
     checker.inputs(report)
     checker.disk(report, free)
     checker.batch(report)
     checker.gpus(report, probe, environ)
+    checker.tracking(report, tracker_installed or wandb_installed)
     return report

@@ -16,9 +16,13 @@ TRACKING_OFF = "dummy"
 DEFAULT_PROJECT = "nanochat"
 
 
+def wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
 def require_tracker(run_name: str) -> None:
     """Raise UsageError when `run_name` asks for wandb and wandb is not installed."""
-    if run_name != TRACKING_OFF and importlib.util.find_spec("wandb") is None:
+    if run_name != TRACKING_OFF and not wandb_installed():
         raise UsageError(f"--run {run_name} logs to wandb, which is not installed: "
                          f"pip install wandb, or leave out --run")
 

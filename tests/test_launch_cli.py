@@ -171,6 +171,19 @@ def test_preflight_disk_batch_and_memory(repo, tmp_path, capsys):
     assert "fix: python -m launch --site h100x8 --device-batch-size 16" in capsys.readouterr().out
 
 
+def test_preflight_refuses_a_wandb_run_name_without_wandb(repo, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr("launch.preflight.wandb_installed", lambda: False)
+    assert launch(repo, cache, "--site", "cpu", "--run", "exp1") == 2
+    err = capsys.readouterr().err
+    assert ("RUN_NAME=exp1 logs base_train, mid_train, chat_sft to wandb, which is not installed here -> "
+            "fix: pip install wandb, or unset RUN_NAME") in err
+    assert "nothing was run or submitted" in err and not cache.exists()
+    assert launch(repo, cache, "--site", "cpu", "--stages", "demo_data,tok_train", "--run", "exp1", "--check") == 0
+    monkeypatch.setattr("launch.preflight.wandb_installed", lambda: True)
+    assert launch(repo, cache, "--site", "cpu", "--run", "exp1", "--check") == 0
+
+
 def test_gpu_site_without_gpus_is_refused(repo, tmp_path, capsys):
     assert launch(repo, tmp_path / "c", "--site", "gb10", "--stages", "report") == 2
     assert "nvidia-smi finds none here -> fix: python -m launch --site cpu" in capsys.readouterr().err
