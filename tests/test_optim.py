@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, newton_schulz
+from tests.fixtures.process_group import joined_process_group
 
 VOCAB = 41
 LRS = dict(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.02, scalar_lr=0.05, weight_decay=0.01)
@@ -220,8 +220,7 @@ def overlapped_train_steps(model: GPT, optimizer: MuonAdamW, steps, rows: slice,
 
 def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
+    with joined_process_group("gloo", store_path, rank, world_size):
         model = tiny_model(n_layer=2)
         optimizer = model.setup_optimizer(**LRS)
         rows_per_rank = 4 // world_size
@@ -232,8 +231,6 @@ def distributed_worker(rank: int, world_size: int, store_path: str, out_dir: str
             assert optimizer.overlap_reductions(model.backward_order())
             overlapped_train_steps(model, optimizer, range(3), rows, micro_steps=2 if mode == "overlap-2-micro" else 1)
         torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_backward_order_lists_every_parameter_once():

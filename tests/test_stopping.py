@@ -7,10 +7,10 @@ import signal
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.stopping import STOP_SIGNALS, StopRequest
+from tests.fixtures.process_group import joined_process_group
 
 BOUNDARIES = 6
 SIGNALLED_AT = 2
@@ -35,8 +35,7 @@ def vote_worker(rank: int, world_size: int, backend: str, store_path: str, out_d
     if backend == "nccl":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
+    with joined_process_group(backend, store_path, rank, world_size):
         stop = StopRequest()
         decisions = []
         for boundary in range(BOUNDARIES):
@@ -45,8 +44,6 @@ def vote_worker(rank: int, world_size: int, backend: str, store_path: str, out_d
             decisions.append(stop.should_stop(device, distributed=True))
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(decisions, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", [
