@@ -1,7 +1,5 @@
 """The runtime set-up's process-group arguments: NCCL on high-priority streams unless the user chose."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,16 +30,10 @@ def test_users_own_setting_is_left_to_torch(monkeypatch, value):
     assert process_group_options("nccl", {"TORCH_NCCL_HIGH_PRIORITY": value}) == {}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
-def test_one_rank_nccl_group_runs_collectives_with_the_options():
+def test_one_rank_nccl_group_runs_collectives_with_the_options(tmp_path):
     device = torch.device("cuda", 0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
                             device_id=device, **process_group_options("nccl", {}))
     try:
         backend = dist.distributed_c10d._get_default_group()._get_backend(device)
