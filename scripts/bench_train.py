@@ -6,6 +6,9 @@ against the datasheet peak (`nanochat.hardware`) and against a bf16 8192^3 matmu
 process, peak memory, and every step's loss. `--profile` splits the step into data, forward, backward and
 optimizer time with CUDA events (it synchronises every step, so its tokens/s is a little lower);
 `--kernels N` profiles two more steps with torch.profiler and lists the N kernels that took the most time.
+`--matmul-floor` times every linear layer's three products alone at the step's rows
+(`nanochat.matmul_floor`) and reports their sum per step: the part of the step that only faster matrix
+products could shorten.
 
 Several configurations in one process: `--configs "depth=20,kernel=liger;depth=12,window_pattern=SSSL"`
 (';' between configurations, ',' between field=value overrides of the flags given).
@@ -39,6 +42,7 @@ from nanochat.gpt import GPT
 from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
 from nanochat.kernels import isolate_liger_from_compile
+from nanochat.matmul_floor import matmul_floor
 from nanochat.precision import apply_precision, autocast_precision
 from nanochat.profiling import profile_steps
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
@@ -76,6 +80,9 @@ class BenchTrainConfig:
     profile: bool = False
     kernels: int = field(default=0, metadata={
         "help": "after the timed steps, profile 2 more and list the N kernels with the most device time"})
+    matmul_floor: bool = field(default=False, metadata={
+        "help": "also time each linear layer's forward, input-gradient and weight-gradient products alone "
+                "and report their sum per step (bf16 or fp32 configurations)"})
     configs: str = field(default="", metadata={"help": "';'-separated configurations of ','-separated overrides"})
     seed: int = 42
     device_type: str = "auto"
@@ -89,6 +96,8 @@ class BenchTrainConfig:
         require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
                 f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
         autocast_precision(self.precision)
+        require(not self.matmul_floor or self.precision in ("bf16", "fp32"),
+                f"--matmul-floor times bf16 or fp32 products, not {self.precision}: drop it or use --precision bf16")
 
     def label(self) -> str:
         return (f"d{self.depth} {self.window_pattern} b{self.device_batch_size}x{self.grad_accum} {self.precision} "
@@ -309,6 +318,12 @@ def run_config(config: BenchTrainConfig, runtime, matmul_flops: float | None) ->
         "peak_reserved_gb": torch.cuda.max_memory_reserved(runtime.device) / 1e9 if cuda else None,
         "losses": [round(v, 5) for v in loss_values.tolist()],
     }
+    if config.matmul_floor:
+        floor = matmul_floor(model, B * T, config.grad_accum, runtime.autocast_dtype or torch.float32, runtime.device)
+        result["matmul_floor"] = floor.as_json()
+        result["matmul_floor_share"] = floor.ms_per_step / result["step_ms"]
+        print0(runtime, f"[{config.label()}] linear layers' products alone: {floor.ms_per_step:.1f} ms of the "
+                        f"{result['step_ms']:.1f} ms step ({100 * result['matmul_floor_share']:.0f}%)")
     if kernel_table is not None:
         result["kernels"] = kernel_table.as_json(config.kernels)
     if phase_totals:

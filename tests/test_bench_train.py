@@ -1,5 +1,6 @@
 """bench_train on CPU: one JSON line per configuration with throughput, losses and the kernel table; bad
-flags exit 2. Also the profiler table helper it uses."""
+flags exit 2; `--matmul-floor` reports the linear layers' products beside the step. Also the profiler
+table helper it uses."""
 
 import json
 
@@ -49,3 +50,19 @@ def test_profile_steps_ranks_operators_by_time_per_step():
     assert table.lines(2)[0].endswith("operators") and len(table.lines(2)) == 3
     with pytest.raises(ValueError, match="at least one step"):
         profile_steps(lambda: None, 0, "cpu")
+
+
+def test_bench_train_reports_the_floor_beside_the_step(capsys):
+    assert bench_train.cli(TINY + ["--matmul-floor", "--grad-accum", "2"]) == 0
+    out = capsys.readouterr().out
+    (result,) = json_lines(out)
+    floor = result["matmul_floor"]
+    assert floor["rows"] == 2 * 32 and floor["micro_steps"] == 2 and floor["dtype"] == "bfloat16"
+    assert {(s["out"], s["in"]) for s in floor["shapes"]} == {(32, 32), (128, 32), (32, 128), (64, 32)}
+    assert result["matmul_floor_share"] == pytest.approx(floor["ms_per_step"] / result["step_ms"], rel=1e-3)
+    assert "linear layers' products alone" in out
+
+
+def test_bench_train_refuses_the_floor_for_float8(capsys):
+    assert bench_train.cli(TINY + ["--matmul-floor", "--precision", "fp8"]) == 2
+    assert "--matmul-floor times bf16 or fp32 products" in capsys.readouterr().err
