@@ -80,11 +80,20 @@ class SlurmSettings:
 
     @property
     def timeout_minutes(self) -> int:
-        match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2})(?::(\d{2}))?", self.time_limit.strip())
+        """The limit in minutes, read as sbatch --time reads it: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S
+        (so "30:00" is 30 minutes); seconds round up to the next minute."""
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", self.time_limit.strip())
         if not match:
-            raise UsageError(f"SBATCH_TIMELIMIT={self.time_limit!r}: expected [D-]HH:MM[:SS], e.g. 12:00:00")
-        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-        return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+            raise UsageError(f"SBATCH_TIMELIMIT={self.time_limit!r}: expected sbatch's --time format "
+                             f"(minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS), e.g. 12:00:00")
+        days, first, second, third = match.groups()
+        if days is not None:
+            hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+        elif third is not None:
+            hours, minutes, seconds = int(first), int(second), int(third)
+        else:
+            hours, minutes, seconds = 0, int(first), int(second or 0)
+        return int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 @dataclass(frozen=True)

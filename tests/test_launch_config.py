@@ -97,6 +97,13 @@ def test_timelimit_minutes(repo):
     assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "1-02:30:00"}).slurm.timeout_minutes == 1590
 
 
+@pytest.mark.parametrize(("text", "minutes"), [
+    ("90", 90), ("30:00", 30), ("30:01", 31), ("4:00:00", 240), ("2-12", 3600), ("1-02:30", 1590)])
+def test_timelimit_reads_every_sbatch_format_as_sbatch_does(repo, text, minutes):
+    """SBATCH_TIMELIMIT is sbatch's own variable: "30:00" is 30 minutes there (minutes:seconds), not 30 hours."""
+    assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": text}).slurm.timeout_minutes == minutes
+
+
 def test_40gb_gpus_halve_site_batch_and_keep_total(repo):
     config = resolve(repo, "a100-slurm")
     assert config.run.device_batch_size == 16
