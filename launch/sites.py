@@ -1,14 +1,15 @@
 """Site profiles on disk: every `env/<name>.env` is a site; `.env.local` holds the user's own keys.
 
 Files are python-dotenv files (`KEY=value`, `#` comments). Reading one checks every key against
-`launch.keys`, so a misspelt key is an error naming the closest valid key, never a silent default.
+`launch.keys`, so a misspelt key is an error naming the closest valid key, never a silent default; a line
+that does not parse (an unclosed quote, a stray word) is an error naming the file and line, never skipped.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from launch.keys import check_known
 from nanochat.configargs import UsageError
@@ -33,9 +34,16 @@ def site_file(repo_root: Path, site: str) -> Path:
 
 def read_env_file(path: Path) -> dict[str, str]:
     """The file's keys and raw values (no variable interpolation), every key checked against the schema."""
-    values = dotenv_values(path, interpolate=False)
+    with open(path, encoding="utf-8") as stream:
+        bindings = list(parse_stream(stream))
+    for binding in bindings:
+        if binding.error:
+            text = binding.original.string
+            line = binding.original.line + text[:len(text) - len(text.lstrip())].count("\n")
+            raise UsageError(f"{path}, line {line}: cannot parse {text.strip()!r}; write KEY=value")
+    values = {binding.key: binding.value or "" for binding in bindings if binding.key is not None}
     check_known(values, str(path))
-    return {name: ("" if value is None else value) for name, value in values.items()}
+    return values
 
 
 def read_local_file(repo_root: Path) -> tuple[Path, dict[str, str]]:

@@ -128,6 +128,14 @@ def test_bad_env_local_key_exits_2(repo, tmp_path, capsys):
     assert "did you mean SBATCH_PARTITION?" in capsys.readouterr().err
 
 
+def test_unparsable_env_local_line_exits_2_naming_file_and_line(repo, tmp_path, capsys):
+    """An unclosed quote must not silently drop SBATCH_ACCOUNT and submit to the default account."""
+    (repo / ".env.local").write_text('GPU_MEMORY_GB=80\nSBATCH_ACCOUNT="physics\n')
+    assert launch(repo, tmp_path, "--site", "a100-slurm", "--print-config") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and ".env.local, line 2" in err and "SBATCH_ACCOUNT" in err
+
+
 def test_preflight_missing_shards_names_download(repo, tmp_path, capsys):
     cache = tmp_path / "cache"
     make_real_cache(cache, shards=3)

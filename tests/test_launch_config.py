@@ -83,6 +83,13 @@ def test_env_file_parsing_comments_and_pass_through(tmp_path):
     assert read_env_file(path) == {"DEPTH": "4", "NCCL_SOCKET_IFNAME": "ib0", "WANDB_PROJECT": "my proj"}
 
 
+def test_env_file_line_that_does_not_parse_is_a_usage_error(tmp_path):
+    path = tmp_path / "x.env"
+    path.write_text("DEPTH=4\n# comment\n\nthis is not a setting\n")
+    with pytest.raises(UsageError, match=r"x\.env, line 4: cannot parse 'this is not a setting'"):
+        read_env_file(path)
+
+
 def test_bad_values_are_usage_errors(repo):
     with pytest.raises(UsageError, match="PRECISION='fp64'"):
         resolve(repo, "cpu", {"PRECISION": "fp64"})
