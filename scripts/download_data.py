@@ -36,6 +36,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -513,6 +514,16 @@ def _relative(path: Path, cache: Path) -> str:
         return str(path)
 
 
+def _check_writable(cache: Path) -> None:
+    """Create the cache and a file in it now, so a read-only or missing filesystem is one line, not a traceback."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache).close()
+    except OSError as exc:
+        raise UsageError(f"cannot write to the cache {cache} ({exc.strerror or exc}): pass --cache-dir DIR or set "
+                         f"NANOCHAT_BASE_DIR to a writable folder") from None
+
+
 def _check_online_allowed(config: DownloadDataConfig) -> None:
     if config.skip_datasets:
         return
@@ -550,6 +561,7 @@ def main(config: DownloadDataConfig) -> int:
     require(not (run.cache / DEMO_MARKER).exists(),
             f"{run.cache} holds the built-in demo corpus ({DEMO_MARKER} marker); choose a real-data cache "
             f"with --cache-dir or NANOCHAT_BASE_DIR")
+    _check_writable(run.cache)
     _check_online_allowed(config)
     site_note = f", site {run.site}" if run.site else ""
     print(f"cache: {run.cache} (from {run.cache_source}{site_note}); {run.shards} shards", file=sys.stderr, flush=True)

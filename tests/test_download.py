@@ -426,6 +426,17 @@ def test_stage_refuses_demo_cache_and_offline_mode(server, tmp_path, monkeypatch
     assert server.requests == []
 
 
+def test_stage_refuses_an_unwritable_cache_in_one_line(server, tmp_path, capsys):
+    """A cache under a file stands in for a read-only or missing /scratch: exit 2 and one line, no traceback."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    assert cli(script_args(server, blocker / "cache", "--yes")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to the cache") and "--cache-dir" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert server.requests == []
+
+
 def test_hf_dataset_failure_does_not_stop_the_others(tmp_path):
     arrow_file = tmp_path / "data.arrow"
     arrow_file.write_bytes(b"x" * 123)
