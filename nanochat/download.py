@@ -150,6 +150,7 @@ def download_file(
     chunk_size: int = 1 << 20,
     backoff: float = 2.0,
     progress: ProgressCallback | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> DownloadResult:
     """Fetch url to dest safely; return how it went, or raise DownloadError naming the last failure.
 
@@ -157,6 +158,7 @@ def download_file(
     deleted and fetched again. `retries` counts attempts after the first; the k-th retry waits
     `backoff * 2**(k-1)` seconds. `timeout` bounds the connect and every read. `verify(path)` raises
     VerificationError (or any ValueError) for bad content. A 4xx other than 408/425/429 fails at once.
+    `sleep` waits out the backoff; a caller that must stop early passes one that raises instead.
     """
     dest = Path(dest)
     if dest.exists():
@@ -171,7 +173,7 @@ def download_file(
     last_error = ""
     for attempt in range(1, retries + 2):
         if attempt > 1:
-            time.sleep(backoff * 2 ** (attempt - 2))
+            sleep(backoff * 2 ** (attempt - 2))
         try:
             _fetch_to_part(url, part, timeout, chunk_size, progress, tally)
             size = part.stat().st_size

@@ -317,6 +317,16 @@ def _byte_progress(bar: tqdm, stop: threading.Event | None = None) -> ProgressCa
     return progress
 
 
+def _stoppable_sleep(stop: threading.Event) -> Callable[[float], None]:
+    """A download_file backoff wait that ends at once, abandoning the download, when `stop` is set."""
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise _Interrupted
+
+    return sleep
+
+
 class _SlotBars:
     """One overall bar plus a byte bar per worker slot; tqdm hides them all when stderr is not a TTY."""
 
@@ -353,7 +363,8 @@ def download_shards(indices: Sequence[int], base_url: str, directory: Path,
         try:
             result = bars.run(dest.name, lambda progress: download_file(
                 shard_url(base_url, index), dest, verify=verify_parquet, retries=config.retries,
-                timeout=config.timeout, backoff=config.backoff, progress=progress))
+                timeout=config.timeout, backoff=config.backoff, progress=progress,
+                sleep=_stoppable_sleep(bars.stop)))
         except DownloadError as exc:
             return ItemResult(dest.name, dest, None, FAILED, str(exc))
         status = SKIPPED_VERIFIED if result.status == "verified-existing" else OK

@@ -486,3 +486,23 @@ def test_ctrl_c_stops_promptly_and_keeps_the_partial(server, tmp_path):
     assert process.returncode == 130, err
     assert "resume" in err
     assert partial.exists() and not (cache / "base_data" / "shard_00000.parquet").exists()
+
+
+def test_ctrl_c_during_retry_backoff_stops_promptly(server, tmp_path):
+    """A worker waiting out its backoff (the server is failing) must not hold Ctrl-C for the whole wait."""
+    server.faults["/shard_00000.parquet"] = Fault("status", times=99, status=503)
+    cache = tmp_path / "cache"
+    args = [a if a != "0.01" else "30" for a in script_args(server, cache, "--yes", "--workers", "1")]
+    process = subprocess.Popen([sys.executable, "-m", "scripts.download_data", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 20
+    while server.count("/shard_00000.parquet") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=40)
+    assert process.returncode == 130, err
+    assert time.monotonic() - started < 5
+    assert server.count("/shard_00000.parquet") == 1
