@@ -76,6 +76,10 @@ class SlurmSettings:
         self.timeout_minutes  # noqa: B018 - validates the format
         require(self.cpus_per_task >= 1, f"CPUS_PER_TASK must be >= 1, got {self.cpus_per_task}")
         require(self.signal_lead_seconds >= 30, "SIGNAL_LEAD_SECONDS must leave a save at least 30 s")
+        require(self.signal_lead_seconds < self.timeout_minutes * 60,
+                f"SIGNAL_LEAD_SECONDS={self.signal_lead_seconds} must be shorter than SBATCH_TIMELIMIT="
+                f"{self.time_limit}, or every run is told to save and requeue as it starts; lower it or "
+                f"lengthen the time limit")
         require(self.max_requeues >= 0, "MAX_REQUEUES must be >= 0")
 
     @property

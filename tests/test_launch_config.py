@@ -111,6 +111,13 @@ def test_timelimit_reads_every_sbatch_format_as_sbatch_does(repo, text, minutes)
     assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": text}).slurm.timeout_minutes == minutes
 
 
+def test_signal_lead_must_fit_inside_the_time_limit(repo):
+    """A 5-minute job signalled 300 s before its end would be told to save and requeue as it starts, every time."""
+    with pytest.raises(UsageError, match="SIGNAL_LEAD_SECONDS=300 .* SBATCH_TIMELIMIT=00:05:00"):
+        resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "00:05:00"})
+    assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "00:06:00"}).slurm.timeout_minutes == 6
+
+
 def test_40gb_gpus_halve_site_batch_and_keep_total(repo):
     config = resolve(repo, "a100-slurm")
     assert config.run.device_batch_size == 16
