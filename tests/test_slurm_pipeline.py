@@ -90,6 +90,19 @@ def test_speedrun_script_runs_demo_pipeline_to_report(slurm_cluster, tmp_path):
     assert len(ends) == 9 and all("status=0" in line for line in ends), ends
 
 
+def test_speedrun_script_takes_any_env_local_the_launcher_takes(slurm_cluster, tmp_path):
+    """A dotenv value with a space is fine for the launcher; a shell sourcing the file ran `project` instead."""
+    checkout, cache = make_checkout(tmp_path)
+    with open(checkout / ".env.local", "a") as local:
+        local.write("WANDB_PROJECT=my project\n")
+    job = submit(slurm_cluster, "--chdir", str(checkout), "--gpus-per-node=0", "--cpus-per-task=2",
+                 "--time=5", str(checkout / "slurm" / "speedrun.slurm"), "--stages", "demo_data")
+    state, exit_code = wait_for_final_state(slurm_cluster, job, timeout_s=120)
+    out = (checkout / "logs" / f"nanochat-speedrun-{job}.out").read_text()
+    assert (state, exit_code) == ("COMPLETED", "0:0"), out[-3000:]
+    assert "[launch] site cpu-slurm" in out and (cache / "DEMO").exists()
+
+
 def test_failed_stage_fails_the_job(slurm_cluster, tmp_path):
     checkout, cache = make_checkout(tmp_path)
     job = submit(slurm_cluster, "--chdir", str(checkout), "--gpus-per-node=0", "--cpus-per-task=2",
