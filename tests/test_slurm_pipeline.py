@@ -103,6 +103,21 @@ def test_speedrun_script_takes_any_env_local_the_launcher_takes(slurm_cluster, t
     assert "[launch] site cpu-slurm" in out and (cache / "DEMO").exists()
 
 
+def test_speedrun_script_stops_requeueing_after_max_requeues(slurm_cluster, tmp_path):
+    """A stage that saves and exits 75 requeues the job only MAX_REQUEUES times, as the submitit path does."""
+    checkout, cache = make_checkout(tmp_path, base_iterations=100_000)
+    with open(checkout / ".env.local", "a") as local:
+        local.write("MAX_REQUEUES=0\n")
+    job = submit(slurm_cluster, "--chdir", str(checkout), "--gpus-per-node=0", "--cpus-per-task=2", "--time=1",
+                 "--signal=B:USR1@30", str(checkout / "slurm" / "speedrun.slurm"),
+                 "--stages", "demo_data,tok_train,base_train")
+    state, exit_code = wait_for_final_state(slurm_cluster, job, timeout_s=300)
+    out = (checkout / "logs" / f"nanochat-speedrun-{job}.out").read_text()
+    assert (state, exit_code) == ("FAILED", "75:0"), out[-3000:]
+    assert "not requeueing" in out and "(MAX_REQUEUES=0)" in out and "restart 1" not in out
+    assert ckpt.latest_complete_step(cache / "base_checkpoints" / "d2") is not None
+
+
 def test_failed_stage_fails_the_job(slurm_cluster, tmp_path):
     checkout, cache = make_checkout(tmp_path)
     job = submit(slurm_cluster, "--chdir", str(checkout), "--gpus-per-node=0", "--cpus-per-task=2",
