@@ -1,5 +1,8 @@
-"""The resolved launch configuration: code defaults < env/<site>.env < .env.local < command line.
+"""The resolved launch configuration: code defaults < env/<site>.env < .env.local < exported < command line.
 
+"Exported" covers the variables the shell hands over on purpose: `$NANOCHAT_BASE_DIR`, and sbatch's own
+input variables (`$SBATCH_TIMELIMIT`, `$SBATCH_ACCOUNT`, ...), which sbatch would apply over the job
+script's lines anyway, so the launcher shows and uses the value the job will get.
 `resolve_config` reads the layers, records which one supplied each key (shown by `--print-config`),
 expands `~` and `$USER` in the cache path, lets the GPUs nvidia-smi finds replace the profile's count and
 memory when stages run on this machine, and applies the one automatic adjustment: on GPUs of 40 GB or
@@ -23,9 +26,11 @@ from nanochat.paths import expand_path
 SMALL_GPU_GB = 40
 SOURCE_DEFAULT = "default"
 SOURCE_CLI = "cli"
-SOURCE_ENVIRONMENT = "$NANOCHAT_BASE_DIR (exported)"
 SOURCE_PROBE = "nvidia-smi"
 SOURCE_ADJUSTED = "adjusted for 40 GB GPUs"
+# sbatch's input environment variables among the launcher's keys (they override a job script's #SBATCH lines)
+SBATCH_INPUT_KEYS = tuple(key.name for key in K.KEYS if key.name.startswith("SBATCH_"))
+EXPORTED_KEYS = ("NANOCHAT_BASE_DIR", *SBATCH_INPUT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -196,8 +201,9 @@ def resolve_config(site: str, repo_root: Path, cli: Mapping[str, str] | None = N
     """Resolve `site` from its profile, .env.local and CLI key overrides (KEY -> raw text)."""
     environ = os.environ if environ is None else environ
     raw, sources = _layered_raw_values(site, repo_root, cli or {})
-    if environ.get("NANOCHAT_BASE_DIR") and sources["NANOCHAT_BASE_DIR"] != SOURCE_CLI:
-        raw["NANOCHAT_BASE_DIR"], sources["NANOCHAT_BASE_DIR"] = environ["NANOCHAT_BASE_DIR"], SOURCE_ENVIRONMENT
+    for name in EXPORTED_KEYS:
+        if environ.get(name) and sources[name] != SOURCE_CLI:
+            raw[name], sources[name] = environ[name], f"${name} (exported)"
     values = {name: K.KEYS_BY_NAME[name].parse(text, sources[name]) if name in K.KEYS_BY_NAME else text
               for name, text in raw.items()}
     values["NANOCHAT_BASE_DIR"] = expand_path(raw["NANOCHAT_BASE_DIR"], environ)

@@ -13,6 +13,7 @@ are no-ops on the rerun and training stages resume from their latest complete ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -21,14 +22,14 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 
 from launch.commands import Rendezvous, stage_command
-from launch.config import LaunchConfig
+from launch.config import SBATCH_INPUT_KEYS, LaunchConfig
 from launch.logs import LaunchLog, launch_dir, new_launch_id
 from launch.slurm_env import SlurmJob
 from launch.stages import STAGES_BY_NAME
@@ -316,6 +317,33 @@ def slurm_parameters(config: LaunchConfig, repo_root: Path, job_name: str) -> di
     return params
 
 
+def sbatch_environment(config: LaunchConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment to run sbatch in. sbatch applies its input variables ($SBATCH_TIMELIMIT, ...) over the
+    job script's #SBATCH lines, so each one the launcher manages carries the resolved value (a `--set` beats
+    a stale export, as `--print-config` shows), or is left out where the resolved value is unset."""
+    env = dict(environ)
+    for name in SBATCH_INPUT_KEYS:
+        value = config.values[name]
+        if value is None or value == "":
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    return env
+
+
+@contextlib.contextmanager
+def _process_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Run the block with os.environ replaced by `env` (submitit starts sbatch with os.environ)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 class SlurmExecutor(Executor):
     """Submits the plan as one SLURM job through submitit; returns at once with the job id printed."""
 
@@ -330,7 +358,8 @@ class SlurmExecutor(Executor):
         executor = submitit.AutoExecutor(folder=site_logs / "%j", cluster="slurm",
                                          slurm_max_num_timeout=plan.config.slurm.max_requeues)
         executor.update_parameters(**slurm_parameters(plan.config, plan.repo_root, f"nanochat-{plan.config.site.name}"))
-        job = executor.submit(PipelineJob(plan))
+        with _process_environment(sbatch_environment(plan.config, os.environ)):
+            job = executor.submit(PipelineJob(plan))
         folder = site_logs / str(job.job_id)
         print(f"[launch] submitted SLURM job {job.job_id}: stages {','.join(plan.stages)}\n"
               f"[launch] logs: {folder}/ (launch.log, <stage>.log, submitit's {job.job_id}_0_log.out)\n"

@@ -66,6 +66,19 @@ def test_exported_cache_dir_beats_files_but_not_cli(repo):
     assert config.site.cache_dir == Path("/cli/choice")
 
 
+def test_exported_sbatch_variables_beat_files_but_not_cli(repo):
+    """sbatch applies an exported $SBATCH_TIMELIMIT over the job script, so the launcher reports and uses it."""
+    (repo / ".env.local").write_text("SBATCH_TIMELIMIT=04:00:00\nSBATCH_PARTITION=gpu\n")
+    environ = {**ENVIRON, "SBATCH_TIMELIMIT": "01:30:00", "SBATCH_ACCOUNT": "physics"}
+    config = resolve_config("a100-slurm", repo, {}, environ, no_gpus, cpu_count=lambda: 4)
+    assert (config.slurm.timeout_minutes, config.slurm.account, config.slurm.partition) == (90, "physics", "gpu")
+    assert config.sources["SBATCH_TIMELIMIT"] == "$SBATCH_TIMELIMIT (exported)"
+    assert config.sources["SBATCH_PARTITION"] == ".env.local"
+    config = resolve_config("a100-slurm", repo, {"SBATCH_TIMELIMIT": "02:00:00"}, environ, no_gpus,
+                            cpu_count=lambda: 4)
+    assert config.slurm.timeout_minutes == 120 and config.sources["SBATCH_TIMELIMIT"] == "cli"
+
+
 def test_model_tag_defaults_to_depth(repo):
     assert resolve(repo, "cpu").run.model_tag == "d2"
     assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"

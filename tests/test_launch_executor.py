@@ -21,6 +21,7 @@ from launch.executors import (
     LaunchPlan,
     LocalExecutor,
     PipelineJob,
+    sbatch_environment,
     slurm_parameters,
     torchrun_children_resumable,
 )
@@ -154,6 +155,17 @@ def test_slurm_parameters_from_profile_and_env_local(slurm_config, tmp_path):
     assert (params["timeout_min"], params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (720, 2, 8, 1)
     assert params["slurm_signal_delay_s"] == 300
     assert params["cpus_per_task"] == 64 and params["slurm_mem"] == "0"
+
+
+def test_sbatch_runs_with_the_resolved_values_of_its_input_variables(tmp_path):
+    """A `--set` beats a stale exported $SBATCH_TIMELIMIT for sbatch too; other variables pass through."""
+    shutil.copytree(REPO / "env", tmp_path / "env")
+    environ = {"HOME": "/h", "USER": "ada", "SBATCH_TIMELIMIT": "00:30:00", "SBATCH_QOS": "short", "PATH": "/bin"}
+    config = resolve_config("a100-slurm", tmp_path, {"SBATCH_TIMELIMIT": "06:00:00", "SBATCH_ACCOUNT": ""},
+                            environ, list)
+    env = sbatch_environment(config, {**environ, "SBATCH_ACCOUNT": "stale"})
+    assert env["SBATCH_TIMELIMIT"] == "06:00:00" and env["SBATCH_QOS"] == "short" and env["PATH"] == "/bin"
+    assert "SBATCH_ACCOUNT" not in env and "SBATCH_PARTITION" not in env
 
 
 def test_multinode_torchrun_from_fake_nodelist(slurm_config):

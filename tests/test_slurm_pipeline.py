@@ -60,8 +60,9 @@ def make_checkout(tmp_path: Path, **site) -> tuple[Path, Path]:
     return checkout, cache
 
 
-def launch(checkout: Path, cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**cluster.env(), "PYTHONUNBUFFERED": "1"}
+def launch(checkout: Path, cluster, *args: str, timeout: float = 120,
+           exported: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**cluster.env(), "PYTHONUNBUFFERED": "1", **(exported or {})}
     env.pop("NANOCHAT_BASE_DIR", None)
     return subprocess.run([sys.executable, "-m", "launch", *args], cwd=checkout, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -133,11 +134,17 @@ def test_failed_stage_fails_the_job(slurm_cluster, tmp_path):
 
 
 def test_launch_submits_through_submitit_and_completes(slurm_cluster, tmp_path):
+    """Also: a `--set` time limit reaches the job although the shell still exports an older $SBATCH_TIMELIMIT
+    (sbatch applies its input variables over the script's #SBATCH lines)."""
     checkout, cache = make_checkout(tmp_path)
-    proc = launch(checkout, slurm_cluster, "--stages", "demo_data,tok_train,tok_eval")
+    proc = launch(checkout, slurm_cluster, "--stages", "demo_data,tok_train,tok_eval",
+                  "--set", "SBATCH_TIMELIMIT=00:17:00", exported={"SBATCH_TIMELIMIT": "00:03:00"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = job_id_from(proc.stdout)
     state, exit_code = wait_for_final_state(slurm_cluster, job, timeout_s=300)
+    limit = slurm_cluster.run("sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job,
+                              "--format=Timelimit").stdout.strip().splitlines()
+    assert limit == ["00:17:00"]
     launch_log = (checkout / "logs" / "cpu-slurm" / job / "launch.log").read_text()
     assert (state, exit_code) == ("COMPLETED", "0:0"), launch_log
     assert "stage=tok_eval event=end status=0" in launch_log
