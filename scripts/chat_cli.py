@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from nanochat.configargs import EXIT_OK, require, run_stage
+from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.engine import Engine, TextStream
 from nanochat.model_loading import load_model
 from nanochat.runtime import setup_runtime
@@ -69,7 +69,10 @@ def user_turn_ids(engine: Engine, text: str) -> list[int]:
 
 
 def main(config: ChatCliConfig) -> int:
-    runtime = setup_runtime(config.device_type, seed=config.seed)
+    try:
+        runtime = setup_runtime(config.device_type, seed=config.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     loaded = load_model(SOURCE_PHASES[config.source], runtime.device, tag=config.model_tag, step=config.step,
                         dtype=torch.bfloat16 if runtime.device_type == "cuda" else None)
     engine = Engine(loaded.model, loaded.tokenizer, decode="auto")

@@ -323,7 +323,10 @@ def replica_devices(device: torch.device, num_replicas: int | None) -> list[torc
 
 
 def main(config: ChatWebConfig) -> int:
-    runtime = setup_runtime(config.device_type, seed=config.seed)
+    try:
+        runtime = setup_runtime(config.device_type, seed=config.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     engines = []
     for device in replica_devices(runtime.device, config.num_replicas):
         loaded = load_model(SOURCE_PHASES[config.source], device, tag=config.model_tag, step=config.step,

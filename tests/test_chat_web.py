@@ -25,7 +25,7 @@ from nanochat import checkpoint as ckpt
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import train_tokenizer
-from scripts import chat_cli
+from scripts import chat_cli, chat_web
 from scripts.chat_web import ChatLimits, SamplingDefaults, create_app
 from tests.fixtures.models import random_gpt
 
@@ -290,3 +290,14 @@ def test_cli_interactive_loop(cli_cache, capsys, monkeypatch):
 def test_cli_missing_checkpoint_names_the_stage(cli_cache, capsys):
     assert chat_cli.cli(["--source", "sft", "-p", "hi", "--device-type", "cpu"]) == 2
     assert "scripts.chat_sft" in capsys.readouterr().err
+
+
+def test_cli_unknown_device_is_a_usage_error(cli_cache, capsys):
+    assert chat_cli.cli(["-i", "base", "-p", "hi", "--device-type", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown device type 'gpu'") and "Traceback" not in err
+
+
+def test_web_unknown_device_is_a_usage_error(cli_cache, capsys):
+    assert chat_web.cli(["--source", "base", "--device-type", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown device type 'gpu'")
