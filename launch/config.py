@@ -144,6 +144,22 @@ class RunSettings:
         require(set(self.window_pattern) <= {"S", "L"} and self.window_pattern != "",
                 f"WINDOW_PATTERN={self.window_pattern!r}: use letters S (sliding) and L (full), e.g. SSSL")
         require(self.demo_megabytes > 0, "DEMO_MEGABYTES must be > 0")
+        # unset (None) leaves the stage default; anything else must be a value the stage accepts
+        for name in ("base_iterations", "mid_iterations", "sft_iterations", "rl_iterations", "eval_max_per_task",
+                     "finetune_eval_every"):
+            value = getattr(self, name)
+            require(value is None or value == -1 or value > 0,
+                    f"{_key_and_flag(name)} must be positive or -1, got {value}")
+        for name in ("aspect_ratio", "head_dim", "tokenizer_max_chars", "target_param_data_ratio", "eval_every",
+                     "eval_tokens", "eval_split_tokens", "chat_max_new_tokens"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"{_key_and_flag(name)} must be positive, got {value}")
+
+
+def _key_and_flag(field_name: str) -> str:
+    """`BASE_ITERATIONS (--num-iterations)`: the settings key and, where it has one, its launcher flag."""
+    key = K.KEYS_BY_NAME[field_name.upper()]
+    return f"{key.name} ({key.cli_flag})" if key.cli_flag else key.name
 
 
 KEY_FIELDS: dict[str, tuple[str, str]] = {

@@ -112,6 +112,28 @@ def test_bad_values_are_usage_errors(repo):
         resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "twelve hours"})
 
 
+
+@pytest.mark.parametrize("key, value, message", [
+    ("BASE_ITERATIONS", "0", r"BASE_ITERATIONS \(--num-iterations\) must be positive or -1, got 0"),
+    ("MID_ITERATIONS", "-5", r"MID_ITERATIONS \(--mid-iterations\) must be positive or -1, got -5"),
+    ("SFT_ITERATIONS", "0", "SFT_ITERATIONS"), ("RL_ITERATIONS", "0", "RL_ITERATIONS"),
+    ("EVAL_MAX_PER_TASK", "0", "EVAL_MAX_PER_TASK"), ("FINETUNE_EVAL_EVERY", "0", "FINETUNE_EVAL_EVERY"),
+    ("EVAL_EVERY", "-1", r"EVAL_EVERY \(--eval-every\) must be positive, got -1"),
+    ("EVAL_TOKENS", "0", "EVAL_TOKENS"), ("EVAL_SPLIT_TOKENS", "0", "EVAL_SPLIT_TOKENS"),
+    ("CHAT_MAX_NEW_TOKENS", "0", "CHAT_MAX_NEW_TOKENS"), ("TOKENIZER_MAX_CHARS", "0", "TOKENIZER_MAX_CHARS"),
+    ("ASPECT_RATIO", "0", "ASPECT_RATIO"), ("HEAD_DIM", "-64", "HEAD_DIM"),
+    ("TARGET_PARAM_DATA_RATIO", "0", "TARGET_PARAM_DATA_RATIO"),
+])
+def test_values_the_stages_would_refuse_are_refused_before_launch(repo, key, value, message):
+    """A value a stage rejects must fail at launch, not after earlier stages ran (or a SLURM job queued)."""
+    with pytest.raises(UsageError, match=message):
+        resolve(repo, "a100-slurm", {key: value})
+
+
+def test_minus_one_still_means_the_stage_derives_the_count(repo):
+    config = resolve(repo, "cpu", {"BASE_ITERATIONS": "-1", "MID_ITERATIONS": "-1", "EVAL_MAX_PER_TASK": "-1"})
+    assert (config.run.base_iterations, config.run.mid_iterations, config.run.eval_max_per_task) == (-1, -1, -1)
+
 def test_timelimit_minutes(repo):
     assert resolve(repo, "a100-slurm").slurm.timeout_minutes == 720
     assert resolve(repo, "a100-slurm", {"SBATCH_TIMELIMIT": "1-02:30:00"}).slurm.timeout_minutes == 1590
