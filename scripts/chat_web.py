@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import json
 import math
+import socket
 import sys
 import threading
 import traceback
@@ -322,11 +323,30 @@ def replica_devices(device: torch.device, num_replicas: int | None) -> list[torc
     return [torch.device("cuda", i) for i in range(count)]
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any model loads: a taken port or unknown host is a one-line usage
+    error at once, not uvicorn's exit 3 (this project's "diverged" status) after the load."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: {exc.strerror}; use 127.0.0.1 (this machine only) or 0.0.0.0") from exc
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); stop the server using it or "
+                         f"choose a free port with --port") from exc
+    return listener
+
+
 def main(config: ChatWebConfig) -> int:
     try:
         runtime = setup_runtime(config.device_type, seed=config.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    listener = bind_listener(config.host, config.port)
     engines = []
     for device in replica_devices(runtime.device, config.num_replicas):
         loaded = load_model(SOURCE_PHASES[config.source], device, tag=config.model_tag, step=config.step,
@@ -338,7 +358,7 @@ def main(config: ChatWebConfig) -> int:
     defaults = SamplingDefaults(config.temperature, config.top_k, config.max_tokens)
     app = create_app(engines, defaults=defaults, max_queue=config.max_queue, seed=config.seed)
     print0(runtime, f"chat UI at http://{config.host}:{config.port}/")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info")).run(sockets=[listener])
     return EXIT_OK
 
 

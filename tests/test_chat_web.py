@@ -301,3 +301,15 @@ def test_cli_unknown_device_is_a_usage_error(cli_cache, capsys):
 def test_web_unknown_device_is_a_usage_error(cli_cache, capsys):
     assert chat_web.cli(["--source", "base", "--device-type", "gpu"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown device type 'gpu'")
+
+
+def test_web_port_in_use_is_a_usage_error_before_loading(cli_cache, capsys, monkeypatch):
+    """Port taken (a second server, say): one line naming --port and exit 2, not uvicorn's exit 3 after the load."""
+    monkeypatch.setattr(chat_web, "load_model", lambda *a, **k: pytest.fail("loaded a model for a server that cannot listen"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert chat_web.cli(["--source", "base", "--device-type", "cpu", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
