@@ -51,6 +51,12 @@ def find_checkpoint(phase: str, tag: str | None = None, step: int | None = None,
     return tag, step, directory
 
 
+def model_files(directory: Path, step: int, root: Path | None = None) -> list[Path]:
+    """The files a loaded model comes from: the checkpoint's weights and meta, and the cache's tokenizer."""
+    return [ckpt.model_path(directory, step), ckpt.meta_path(directory, step),
+            *sorted(tokenizer_dir(root).iterdir())]
+
+
 def load_model(phase: str, device: torch.device | str, tag: str | None = None, step: int | None = None,
                root: Path | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """Rebuild the model of a checkpoint in eval mode on `device`, with the cache's tokenizer; `dtype` casts

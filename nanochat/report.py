@@ -1,10 +1,16 @@
-"""Report sections: each stage writes report/<stage>.json atomically; report.md is assembled from them."""
+"""Report sections: each stage writes report/<stage>.json atomically; report.md is assembled from them.
+
+An evaluation stage records in its section the `inputs` it measured: its settings and the size and
+modification time of every file it read (`file_fingerprints`). `previous_result` finds that section
+again when nothing has changed, so running a finished evaluation again is a no-op, as for every stage.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,25 @@ def write_section(stage: str, data: dict[str, Any], root: Path | None = None) ->
     path = report_dir(root) / f"{stage}.json"
     atomic_write_text(path, json.dumps(section, indent=2, default=str) + "\n")
     return path
+
+
+def file_fingerprints(paths: Iterable[Path]) -> list[str]:
+    """'path size mtime_ns' of each file, sorted: what a result was computed from (rewriting a file changes it)."""
+    result = []
+    for path in paths:
+        stat = Path(path).stat()
+        result.append(f"{path} {stat.st_size} {stat.st_mtime_ns}")
+    return sorted(result)
+
+
+def previous_result(stage: str, inputs: dict[str, Any], root: Path | None = None) -> dict[str, Any] | None:
+    """report/<stage>.json when it was written for exactly these `inputs`, else None (also when unreadable)."""
+    path = report_dir(root) / f"{stage}.json"
+    try:
+        section = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return section if section.get("inputs") == json.loads(json.dumps(inputs, default=str)) else None
 
 
 def read_sections(root: Path | None = None) -> dict[str, dict[str, Any]]:

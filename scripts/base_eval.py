@@ -3,7 +3,8 @@
 Measures bits per byte on the train and validation shards, prints a few greedy samples, and computes the
 CORE metric when the cache holds the eval bundle (`eval_bundle/`). The demo corpus has no bundle: CORE is
 skipped with one line. With real data a missing bundle is a usage error (exit 2) found before any work.
-Under torchrun the batches and CORE examples are split across ranks. Writes report section `base_eval`.
+Under torchrun the batches and CORE examples are split across ranks. Writes report section `base_eval`;
+running it again on the same checkpoint, data and settings does nothing (`--force` evaluates again).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from nanochat.dataloader import PackedTokenLoader, split_shards
 from nanochat.demo_data import read_manifest
 from nanochat.engine import Engine, batch_decode_path
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.model_loading import find_checkpoint, load_model
-from nanochat.paths import base_dir, data_dir, tokenizer_dir
-from nanochat.report import write_section
+from nanochat.model_loading import find_checkpoint, load_model, model_files
+from nanochat.paths import base_dir, data_dir, report_dir, tokenizer_dir
+from nanochat.report import file_fingerprints, previous_result, write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
 from nanochat.tokenizer import load_token_bytes
 
@@ -51,6 +52,8 @@ class BaseEvalConfig:
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     tokenizer_threads: int = 4
+    force: bool = field(default=False, metadata={
+        "help": "evaluate again even if the report holds the results for this checkpoint, data and settings"})
 
     def __post_init__(self) -> None:
         for name in ("device_batch_size", "split_tokens", "tokenizer_threads"):
@@ -76,19 +79,29 @@ def main(config: BaseEvalConfig) -> int:
     root = base_dir()
     bundle = _core_bundle(root)
     train_files, val_files = split_shards(data_dir(root), "train"), split_shards(data_dir(root), "val")
-    find_checkpoint("base", config.model_tag, config.step)
+    tag, step, directory = find_checkpoint("base", config.model_tag, config.step)
     load_token_bytes(tokenizer_dir(root))
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
+    inputs = {"settings": settings, "checkpoint": f"{tag} step {step}",
+              "files": file_fingerprints([*model_files(directory, step, root), *train_files, *val_files,
+                                          *([bundle] if bundle is not None else [])])}
+    previous = previous_result("base_eval", inputs, root)
+    if previous is not None and not config.force:
+        print(f"base_eval: {report_dir(root) / 'base_eval.json'} already holds the results for {tag} step {step} "
+              f"with these settings (written {previous['written_at']}); nothing to do (--force evaluates again)",
+              flush=True)
+        return EXIT_OK
     try:
         runtime = setup_runtime(config.device_type, precision=config.precision)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        return _evaluate(config, runtime, root, bundle, train_files, val_files, started)
+        return _evaluate(config, runtime, root, bundle, train_files, val_files, started, inputs)
     finally:
         teardown_runtime(runtime)
 
 
-def _evaluate(config, runtime, root, bundle, train_files, val_files, started) -> int:
+def _evaluate(config, runtime, root, bundle, train_files, val_files, started, inputs) -> int:
     loaded = load_model("base", runtime.device, config.model_tag, config.step)
     model, tokenizer = loaded.model, loaded.tokenizer
     print0(runtime, f"base_eval: {loaded.directory} step {loaded.step}")
@@ -127,7 +140,8 @@ def _evaluate(config, runtime, root, bundle, train_files, val_files, started) ->
 
     if runtime.is_master:
         section = {
-            "settings": dataclasses.asdict(config),
+            "settings": inputs["settings"],
+            "inputs": inputs,
             "phase": "BASE",
             "model_tag": loaded.tag,
             "step": loaded.step,

@@ -4,7 +4,8 @@ Multiple-choice tasks (ARC-Easy, ARC-Challenge, MMLU) compare the logits of the 
 (with the calculator tool) and HumanEval (run in the sandbox) generate answers with the Engine. On the demo
 corpus the same task names read the demo files, and DemoFacts adds exact-match questions about held-out
 entities. ChatCORE is the mean centered accuracy over the standard tasks evaluated. Writes report section
-`chat_eval_<source>` (phase MID, SFT or RL). Under torchrun the examples are split across ranks.
+`chat_eval_<source>` (phase MID, SFT or RL); running it again on the same checkpoint and settings does
+nothing (`--force` evaluates again). Under torchrun the examples are split across ranks.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Literal
 
 from nanochat.chat_eval_runner import DEMO_FACTS, STANDARD_TASKS, build_task, chatcore, evaluate_task
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
-from nanochat.model_loading import find_checkpoint, load_model
-from nanochat.paths import base_dir
-from nanochat.report import write_section
+from nanochat.model_loading import find_checkpoint, load_model, model_files
+from nanochat.paths import base_dir, report_dir
+from nanochat.report import file_fingerprints, previous_result, write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
 from nanochat.tasks import is_demo_cache, require_available
 
@@ -44,6 +45,8 @@ class ChatEvalConfig:
     step: int | None = field(default=None, metadata={"help": "checkpoint step (default: the latest)"})
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    force: bool = field(default=False, metadata={
+        "help": "evaluate again even if the report holds the results for this checkpoint and settings"})
 
     def __post_init__(self) -> None:
         require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be positive or -1 (all)")
@@ -72,7 +75,17 @@ def main(config: ChatEvalConfig) -> int:
     tasks = {name: build_task(name, root) for name in names}
     require_available(tasks.values())
     phase = CHECKPOINT_PHASE[config.source]
-    find_checkpoint(phase, config.model_tag, config.step)
+    tag, step, directory = find_checkpoint(phase, config.model_tag, config.step)
+    stage = f"chat_eval_{config.source}"
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
+    inputs = {"settings": settings, "tasks": names, "checkpoint": f"{phase} {tag} step {step}",
+              "files": file_fingerprints(model_files(directory, step, root))}
+    previous = previous_result(stage, inputs, root)
+    if previous is not None and not config.force:
+        print(f"chat_eval: {report_dir(root) / f'{stage}.json'} already holds the results for {phase} {tag} step "
+              f"{step} with these settings (written {previous['written_at']}); nothing to do (--force evaluates "
+              "again)", flush=True)
+        return EXIT_OK
     try:
         runtime = setup_runtime(config.device_type, precision=config.precision)
     except ValueError as exc:
@@ -101,8 +114,9 @@ def main(config: ChatEvalConfig) -> int:
             metrics = {s.name: s.accuracy for s in scores}
             if core is not None:
                 metrics["ChatCORE"] = core
-            write_section(f"chat_eval_{config.source}", {
-                "settings": dataclasses.asdict(config),
+            write_section(stage, {
+                "settings": settings,
+                "inputs": inputs,
                 "phase": REPORT_PHASE[config.source],
                 "metrics": metrics,
                 "model_tag": loaded.tag,

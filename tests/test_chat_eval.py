@@ -203,6 +203,13 @@ def test_chat_eval_stage_end_to_end(sft_cache):
     assert set(metrics) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "DemoFacts", "ChatCORE"}
     assert all(0.0 <= metrics[name] <= 1.0 for name in metrics if name != "ChatCORE")
     assert section["tasks"][0].startswith("ARC-Easy: ") and "/4 correct" in section["tasks"][0]
+    again = run_stage("chat_eval", "--source", "sft", "--max-per-task", "4", "--max-new-tokens", "8",
+                      "--device-type", "cpu", cache=sft_cache)
+    assert "nothing to do" in again.stdout and "--force" in again.stdout
+    other = run_stage("chat_eval", "--source", "sft", "--max-per-task", "2", "--max-new-tokens", "8",
+                      "--device-type", "cpu", cache=sft_cache)
+    assert "nothing to do" not in other.stdout
+    assert "/2 correct" in json.loads((sft_cache / "report" / "chat_eval_sft.json").read_text())["tasks"][0]
 
 
 def test_chat_eval_rejects_bad_task_lists(sft_cache):

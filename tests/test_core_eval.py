@@ -10,6 +10,7 @@ known: choice 3/4 right, schema 2/3, language modeling 2/4.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 from pathlib import Path
@@ -199,6 +200,14 @@ def test_base_eval_on_the_demo_corpus_skips_core(base_cache):
     assert section["phase"] == "BASE" and "metrics" not in section
     assert 0 < section["val_bpb"] < 20 and 0 < section["train_bpb"] < 20
     assert len(section["samples"]) >= 3 and section["model_tag"] == "d2" and section["step"] == 4
+
+    again = run_stage("base_eval", *EVAL_ARGS, cache=base_cache)
+    assert "nothing to do" in again.stdout and "bpb" not in again.stdout
+    assert json.loads((base_cache / "report" / "base_eval.json").read_text()) == section
+    weights = base_cache / "base_checkpoints" / "d2" / "model_000004.pt"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert "val bpb" in run_stage("base_eval", *EVAL_ARGS, cache=base_cache).stdout  # a rewritten checkpoint
+    assert "val bpb" in run_stage("base_eval", *EVAL_ARGS, "--force", cache=base_cache).stdout
 
 
 def test_base_eval_computes_core_when_the_bundle_is_present(base_cache, tmp_path):

@@ -1,6 +1,6 @@
 """report.md assembly: results table, plots and per-stage sections."""
 
-from nanochat.report import read_sections, results_table, write_section
+from nanochat.report import file_fingerprints, previous_result, read_sections, results_table, write_section
 from scripts.report import ReportConfig, main
 
 
@@ -40,3 +40,18 @@ def test_no_sections_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     assert cli([]) == 2
     assert "run the pipeline's stages first" in capsys.readouterr().err
+
+
+def test_previous_result_matches_only_the_same_inputs(tmp_path):
+    data = tmp_path / "shard.parquet"
+    data.write_bytes(b"1234")
+    inputs = {"settings": {"split_tokens": 1024, "model_tag": None}, "files": file_fingerprints([data])}
+    assert previous_result("base_eval", inputs, root=tmp_path) is None
+    write_section("base_eval", {"inputs": inputs, "val_bpb": 1.5}, root=tmp_path)
+    assert previous_result("base_eval", inputs, root=tmp_path)["val_bpb"] == 1.5
+    assert previous_result("base_eval", {**inputs, "settings": {"split_tokens": 2048, "model_tag": None}},
+                           root=tmp_path) is None
+    data.write_bytes(b"12345")  # rewritten input: another size (and modification time)
+    assert previous_result("base_eval", {**inputs, "files": file_fingerprints([data])}, root=tmp_path) is None
+    (tmp_path / "report" / "base_eval.json").write_text("{not json")
+    assert previous_result("base_eval", inputs, root=tmp_path) is None

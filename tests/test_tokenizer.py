@@ -296,6 +296,20 @@ def test_tok_train_and_tok_eval_cli(cache, capsys):
     assert rows["train"]["bytes"] == len("".join(make_docs(300, seed=100))[:20000].encode("utf-8"))
     assert rows["train"]["bytes_per_token"] > 1.5
 
+    # a finished evaluation is a no-op; new settings, a retrained tokenizer or --force measure again
+    written = (cache / "report" / "tok_eval.json").read_text()
+    assert tok_eval.cli(["--sample-chars", "20000"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (cache / "report" / "tok_eval.json").read_text() == written
+    assert tok_eval.cli(["--sample-chars", "10000"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    assert tok_eval.cli(["--sample-chars", "10000", "--force"]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    assert tok_train.cli(["--vocab-size", "400", "--force"]) == 0
+    capsys.readouterr()
+    assert tok_eval.cli(["--sample-chars", "10000"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+
 
 def test_tok_train_usage_errors(cache, capsys):
     assert tok_train.cli([]) == 2
