@@ -1,5 +1,8 @@
-"""Graceful stop on SIGUSR1 / SIGUSR2 / SIGTERM: the handler only sets a flag; the training loop checks it
-at the next step boundary, saves a checkpoint and exits with EXIT_RESUMABLE (75).
+"""Graceful stop on SIGUSR1 / SIGUSR2 / SIGTERM / a first Ctrl-C: the handler only sets a flag; the training
+loop checks it at the next step boundary, saves a checkpoint and exits with EXIT_RESUMABLE (75).
+
+A first Ctrl-C (SIGINT) says so on stderr and stops the same way, so interrupting a run on a laptop keeps
+its progress; a second Ctrl-C raises KeyboardInterrupt as usual and quits without saving.
 
 SLURM sends USR1 (or USR2, which submitit uses because NCCL may own USR1) shortly before a time limit;
 cloud schedulers send TERM. Under torch.distributed every rank must stop at the same step, so the flag is
@@ -9,6 +12,7 @@ cast: reading it at once would make every rank wait for its GPU to finish all qu
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -20,6 +24,8 @@ from nanochat.host_value import HostValue
 from nanochat.runtime import Runtime, print0
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+INTERRUPT_NOTE = (f"\nCtrl-C: saving a checkpoint at the end of this step, then exiting {EXIT_RESUMABLE} (run the "
+                  "same command again to resume); press Ctrl-C again to quit without saving\n").encode()
 
 
 class StopRequest:
@@ -34,11 +40,18 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
+    def _handle_interrupt(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, INTERRUPT_NOTE)
+        self._handle(signum, frame)
+
     def install(self) -> StopRequest:
         """Install the handlers (only possible from the main thread; elsewhere this is a no-op)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
+            signal.signal(signal.SIGINT, self._handle_interrupt)
         return self
 
     def should_stop(self, device: torch.device, distributed: bool) -> bool:

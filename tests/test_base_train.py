@@ -74,27 +74,29 @@ def test_kill_and_resume_is_bit_identical(tiny_cache):
     assert not [p for p in directory.iterdir() if ".tmp" in p.name]
 
 
-def test_signal_saves_and_exits_75_then_resumes(tiny_cache):
-    args = [*TINY, "--num-iterations", str(STEPS), "--save-every", "100", "--model-tag", "sig"]
-    run_stage("base_train", *[*args[:-1], "sig-straight"], cache=tiny_cache)
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["SIGUSR1", "first-ctrl-c"])
+def test_signal_saves_and_exits_75_then_resumes(tiny_cache, signum):
+    tag = f"sig-{signum.name}"
+    args = [*TINY, "--num-iterations", str(STEPS), "--save-every", "100", "--model-tag", tag]
+    run_stage("base_train", *[*args[:-1], f"{tag}-straight"], cache=tiny_cache)
     proc = _popen(tiny_cache, args)
     deadline = time.monotonic() + 120
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 000003/"):
-            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(signum)
             break
         assert time.monotonic() < deadline
     out = proc.stdout.read()
     assert proc.wait() == 75, "".join(lines) + out
-    assert "SIGUSR1 received" in out
-    directory = tiny_cache / "base_checkpoints" / "sig"
+    assert f"{signum.name} received" in out
+    directory = tiny_cache / "base_checkpoints" / tag
     stopped_at = ckpt.latest_complete_step(directory)
     assert 3 <= stopped_at < STEPS and not ckpt.read_meta(directory, stopped_at)["finished"]
     again = run_stage("base_train", *args, cache=tiny_cache)
     assert f"resumed from {directory} at step {stopped_at}" in again.stdout
-    assert _losses(tiny_cache, "sig") == _losses(tiny_cache, "sig-straight")
+    assert _losses(tiny_cache, tag) == _losses(tiny_cache, f"{tag}-straight")
     rerun = run_stage("base_train", *args, cache=tiny_cache)
     assert "nothing to do" in rerun.stdout
 

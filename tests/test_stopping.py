@@ -29,6 +29,20 @@ def test_one_process_stops_at_the_first_boundary_after_a_signal():
             signal.signal(sig, handler)
 
 
+def test_a_first_ctrl_c_stops_gracefully_and_a_second_quits(capfd):
+    previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop(torch.device("cpu"), distributed=False) and stop.signal_name == "SIGINT"
+        assert "press Ctrl-C again to quit without saving" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def vote_worker(rank: int, world_size: int, backend: str, store_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     device = torch.device("cpu")
