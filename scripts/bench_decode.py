@@ -64,7 +64,8 @@ class BenchDecodeConfig:
     new_tokens: int = 256
     mode: str = field(default="eager,graph", metadata={"help": "comma-separated: " + ", ".join(ENGINE_DECODE)})
     weights: Literal["init", "random"] = "init"
-    dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"help": "dtype of the weight matrices"})
+    dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
+        "help": "dtype of the weight matrices; auto: bf16 on CUDA (decoded under its autocast), else fp32"})
     teacher_forced: bool = field(default=False, metadata={
         "help": "at batch 1, also feed the eager tokens through each static mode and compare the logits"})
     seed: int = 42
@@ -90,6 +91,10 @@ class BenchDecodeConfig:
             self.device_type = resolve_device_type(self.device_type)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if self.dtype == "auto":
+            self.dtype = "bf16" if self.device_type == "cuda" else "fp32"
+        require(self.dtype == "fp32" or self.device_type == "cuda",
+                f"--dtype bf16 decodes under CUDA's autocast; on {self.device_type} use --dtype fp32 (the default)")
 
     def batch_size_list(self) -> list[int]:
         return [int(size) for size in self.batch_sizes.split(",")]

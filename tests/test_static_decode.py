@@ -298,13 +298,14 @@ def test_bench_decode_cpu_path(capsys):
     code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
                              "--max-seq-len", "32", "--batch-sizes", "1,2", "--prompt-tokens", "6",
                              "--new-tokens", "5", "--mode", "eager,static,graph", "--weights", "random",
-                             "--dtype", "fp32", "--device-type", "cpu", "--teacher-forced"])
+                             "--device-type", "cpu", "--teacher-forced"])
     assert code == 0
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     assert [(r["batch_size"], r["mode"]) for r in lines] == [(b, m) for b in (1, 2)
                                                              for m in ("eager", "static", "graph")]
     for result in lines:
+        assert result["dtype"] == "fp32"  # --dtype auto on a CPU
         assert result["tokens_match"] is True and result["first_mismatch_step"] is None
         assert result["new_tokens"] == 5 and result["decode_tok_per_s_total"] > 0
         assert result["ttft_ms"] > 0
@@ -318,6 +319,8 @@ def test_bench_decode_cpu_path(capsys):
         assert result["decode_path"] == expected_path
     assert "decode='graph' is unavailable" in captured.err
     assert bench_decode.cli(["--mode", "eager,warp"]) == 2
+    assert bench_decode.cli(["--dtype", "bf16", "--device-type", "cpu"]) == 2
+    assert "--dtype bf16 decodes under CUDA's autocast; on cpu use --dtype fp32" in capsys.readouterr().err
 
 
 @needs_cuda
