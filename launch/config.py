@@ -222,6 +222,9 @@ def resolve_config(site: str, repo_root: Path, cli: Mapping[str, str] | None = N
             raw[name], sources[name] = environ[name], f"${name} (exported)"
     values = {name: K.KEYS_BY_NAME[name].parse(text, sources[name]) if name in K.KEYS_BY_NAME else text
               for name, text in raw.items()}
+    require(raw["NANOCHAT_BASE_DIR"].strip() != "",
+            f"NANOCHAT_BASE_DIR is empty (from {sources['NANOCHAT_BASE_DIR']}): name the cache folder, e.g. "
+            "NANOCHAT_BASE_DIR=~/.cache/nanochat, or leave the key out for the site's default")
     values["NANOCHAT_BASE_DIR"] = expand_path(raw["NANOCHAT_BASE_DIR"], environ)
     notes: list[str] = []
 

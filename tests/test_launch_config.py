@@ -79,6 +79,11 @@ def test_exported_sbatch_variables_beat_files_but_not_cli(repo):
     assert config.slurm.timeout_minutes == 120 and config.sources["SBATCH_TIMELIMIT"] == "cli"
 
 
+def test_an_empty_cache_dir_is_refused_not_read_as_the_current_folder(repo):
+    with pytest.raises(UsageError, match=r"NANOCHAT_BASE_DIR is empty \(from cli\)"):
+        resolve_config("cpu", repo, {"NANOCHAT_BASE_DIR": ""}, ENVIRON, no_gpus, cpu_count=lambda: 4)
+
+
 def test_model_tag_defaults_to_depth(repo):
     assert resolve(repo, "cpu").run.model_tag == "d2"
     assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"
