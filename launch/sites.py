@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dotenv.parser import parse_stream
-
 from launch.keys import check_known
 from nanochat.configargs import UsageError
+from nanochat.settings_file import read_settings_file
 
 ENV_DIR_NAME = "env"
 LOCAL_FILE_NAME = ".env.local"
@@ -34,14 +33,7 @@ def site_file(repo_root: Path, site: str) -> Path:
 
 def read_env_file(path: Path) -> dict[str, str]:
     """The file's keys and raw values (no variable interpolation), every key checked against the schema."""
-    with open(path, encoding="utf-8") as stream:
-        bindings = list(parse_stream(stream))
-    for binding in bindings:
-        if binding.error:
-            text = binding.original.string
-            line = binding.original.line + text[:len(text) - len(text.lstrip())].count("\n")
-            raise UsageError(f"{path}, line {line}: cannot parse {text.strip()!r}; write KEY=value")
-    values = {binding.key: binding.value or "" for binding in bindings if binding.key is not None}
+    values = read_settings_file(path)
     check_known(values, str(path))
     return values
 

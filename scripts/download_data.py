@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dotenv import dotenv_values
 from tqdm import tqdm
 
 from nanochat.configargs import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError, require, run_stage
@@ -58,6 +57,7 @@ from nanochat.download import (
     verify_zip,
 )
 from nanochat.paths import DEFAULT_BASE_DIR, data_dir, expand_path, tokenizer_dir
+from nanochat.settings_file import read_settings_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SETTINGS_FILE = ".env.local"
@@ -187,9 +187,7 @@ def read_site_settings(site: str | None, environ: Mapping[str, str], repo_root: 
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    return {key: value for key, value in dotenv_values(path, interpolate=False).items() if value is not None}
+    return read_settings_file(path) if path.is_file() else {}
 
 
 def resolve_cache_dir(cache_dir: str | None, settings: SiteSettings,

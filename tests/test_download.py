@@ -356,6 +356,11 @@ def test_settings_layering(isolated_settings):
     with pytest.raises(download_data.UsageError, match="--val-shard"):
         resolve(root, "--shards", "10", "--val-shard", "5")
 
+    # a line that does not parse would silently drop the cache setting: refused, naming file and line
+    (root / ".env.local").write_text("NANOCHAT_SITE=cluster\nNANOCHAT_BASE_DIR=\"/scratch/mine\n")
+    with pytest.raises(download_data.UsageError, match=r"\.env\.local, line 2: cannot parse"):
+        resolve(root, HOME="/h")
+
 
 def script_args(srv: FaultyServer, cache: Path, *extra: str) -> list[str]:
     return ["--cache-dir", str(cache), "--base-url", srv.url, "--eval-bundle-url", f"{srv.url}/eval_bundle.zip",
