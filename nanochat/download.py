@@ -139,6 +139,26 @@ def probe_size(url: str, timeout: float = 10.0) -> int | None:
         return None
 
 
+def unreachable_reason(url: str, timeout: float = 10.0, attempts: int = 3, pause: float = 2.0,
+                       sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """None when the server behind `url` answers at all (any HTTP status, a 404 included), else why it could
+    not be reached (no route, refused, unknown host, timed out), after `attempts` tries `pause` s apart."""
+    reason = ""
+    for attempt in range(attempts):
+        if attempt:
+            sleep(pause)
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Range": "bytes=0-0"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None
+        except (urllib.error.URLError, HTTPException, OSError) as exc:
+            cause = getattr(exc, "reason", exc)
+            reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    return reason
+
+
 def download_file(
     url: str,
     dest: Path,

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from nanochat.download import (
     download_file,
     extract_zip_atomically,
     probe_size,
+    unreachable_reason,
     verify_parquet,
     verify_zip,
 )
@@ -543,6 +545,20 @@ def _check_online_allowed(config: DownloadDataConfig) -> None:
                 f"(or pass --skip-datasets)")
 
 
+def unreachable_server(plan: Plan, run: ResolvedRun, timeout: float) -> str | None:
+    """The error line when a server the plan needs cannot be reached at all (an offline node, a wrong URL),
+    checked before any download so that every file's retries do not fail one by one for most of an hour."""
+    needed = ([run.base_url] if plan.missing_shards else []) + ([run.bundle_url] if plan.eval_bundle else [])
+    servers = dict.fromkeys(f"{part.scheme}://{part.netloc}/" for part in map(urllib.parse.urlsplit, needed))
+    for server in servers:  # the server's root: any HTTP answer will do, and no file's download is disturbed
+        reason = unreachable_reason(server, timeout)
+        if reason is not None:
+            return (f"error: cannot reach {server} ({reason}); nothing was downloaded. Run this on a node with "
+                    "internet access (a login node; compute nodes are often offline), or point --base-url / "
+                    "--eval-bundle-url at a reachable mirror")
+    return None
+
+
 def fetch_everything(config: DownloadDataConfig, run: ResolvedRun) -> list[ItemResult]:
     """Steps 1-4 in order; one result per item, skipped steps included so the summary shows them."""
     cache = run.cache
@@ -584,6 +600,10 @@ def main(config: DownloadDataConfig) -> int:
             print("cancelled; nothing downloaded", file=sys.stderr)
             return EXIT_USAGE
 
+    unreachable = unreachable_server(plan, run, config.timeout)
+    if unreachable is not None:
+        print(unreachable, file=sys.stderr, flush=True)
+        return EXIT_ERROR
     try:
         results = fetch_everything(config, run)
     except KeyboardInterrupt:

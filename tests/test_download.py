@@ -6,6 +6,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from nanochat.download import (
     extract_zip_atomically,
     part_path,
     probe_size,
+    unreachable_reason,
     verify_parquet,
     verify_zip,
 )
@@ -313,6 +315,21 @@ def test_probe_size_reads_the_total_from_one_byte(server):
     assert probe_size(f"{server.url}/missing.zip") is None
 
 
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_unreachable_reason_tells_a_dead_server_from_any_answer(server):
+    waits = []
+    assert "refused" in unreachable_reason(f"{closed_port_url()}/", timeout=2, sleep=waits.append).lower()
+    assert waits == [2.0, 2.0]  # three attempts
+    assert unreachable_reason(f"{server.url}/no/such/file", timeout=2) is None  # a 404 is an answer
+
+
 @pytest.fixture(autouse=True)
 def isolated_settings(tmp_path_factory, monkeypatch):
     """Keep the developer's own .env.local, site choice and cache variables out of these tests."""
@@ -440,6 +457,19 @@ def test_stage_refuses_an_unwritable_cache_in_one_line(server, tmp_path, capsys)
     assert err.startswith("error: cannot write to the cache") and "--cache-dir" in err
     assert "Traceback" not in err and err.count("\n") == 1
     assert server.requests == []
+
+
+def test_stage_stops_at_once_when_the_server_cannot_be_reached(server, tmp_path, capsys, monkeypatch):
+    """An offline node (or a wrong --base-url): one line and exit 1 before any file, not an hour of retries."""
+    monkeypatch.setattr(download_data, "unreachable_reason",
+                        lambda url, timeout: unreachable_reason(url, timeout, sleep=lambda _s: None))
+    cache = tmp_path / "cache"
+    dead = closed_port_url()
+    args = [dead if a == server.url else a for a in script_args(server, cache, "--yes", "--retries", "5")]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach {dead}/" in err and "login node" in err
+    assert not (cache / "base_data").exists() or not any((cache / "base_data").iterdir())
 
 
 def test_hf_dataset_failure_does_not_stop_the_others(tmp_path):
