@@ -71,11 +71,11 @@ class ChatEvalConfig:
 def main(config: ChatEvalConfig) -> int:
     started = time.time()
     root = base_dir()
+    phase = CHECKPOINT_PHASE[config.source]
+    tag, step, directory = find_checkpoint(phase, config.model_tag, config.step)  # before any dataset fetch
     names = config.task_names(is_demo_cache(root))
     tasks = {name: build_task(name, root) for name in names}
     require_available(tasks.values())
-    phase = CHECKPOINT_PHASE[config.source]
-    tag, step, directory = find_checkpoint(phase, config.model_tag, config.step)
     stage = f"chat_eval_{config.source}"
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
     inputs = {"settings": settings, "tasks": names, "checkpoint": f"{phase} {tag} step {step}",

@@ -139,9 +139,9 @@ def policy_gradient_batches(sequences, masks, advantages, batch_size: int, pad_i
 
 
 def main(config: ChatRLConfig) -> int:
+    source = resolve_source(SOURCE_PHASE, config)  # a missing checkpoint is found before any dataset fetch
     train_task, test_task = GSM8K("train"), GSM8K("test")
     require_available([train_task, test_task])
-    source = resolve_source(SOURCE_PHASE, config)
     model_config = source_model_config(source)
     out_dir = checkpoint_dir("chatrl", source.tag)
     done = finished_step(out_dir)

@@ -231,3 +231,12 @@ def test_chat_rl_stage_runs_and_resumes_as_a_no_op(sft_cache):
     assert meta["finished"] and meta["model_config"]["n_layer"] == 2
     again = run_stage("chat_rl", *args, cache=sft_cache)
     assert "nothing to do" in again.stdout
+
+
+@pytest.mark.parametrize("stage", ["chat_eval", "chat_rl"])
+def test_a_missing_checkpoint_is_named_before_any_dataset_is_looked_for(stage, tmp_path):
+    """On an empty cache the fix is to train first: that is the error, found before datasets are fetched."""
+    proc = run_stage(stage, "--device-type", "cpu", cache=tmp_path, check=False,
+                     extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 2 and "python -m scripts.chat_sft" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: no chatsft checkpoint") and proc.stderr.count("\n") == 1
