@@ -1,12 +1,14 @@
 """Report sections: each stage writes report/<stage>.json atomically; report.md is assembled from them.
 
-An evaluation stage records in its section the `inputs` it measured: its settings and the size and
-modification time of every file it read (`file_fingerprints`). `previous_result` finds that section
-again when nothing has changed, so running a finished evaluation again is a no-op, as for every stage.
+An evaluation stage records in its section the `inputs` it measured (`evaluation_inputs`: its settings and
+the size and modification time of every file it read). `previous_result` finds that section again when
+nothing has changed, and `already_evaluated` says so in one line, so running a finished evaluation again
+is a no-op, as for every stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -53,6 +55,23 @@ def previous_result(stage: str, inputs: dict[str, Any], root: Path | None = None
     except (OSError, ValueError):
         return None
     return section if section.get("inputs") == json.loads(json.dumps(inputs, default=str)) else None
+
+
+def evaluation_inputs(config: Any, files: Iterable[Path], **identity: Any) -> dict[str, Any]:
+    """What an evaluation measures: the stage's settings (all but `force`), `identity` (e.g. which checkpoint)
+    and the fingerprints of the files it reads."""
+    settings = {name: value for name, value in dataclasses.asdict(config).items() if name != "force"}
+    return {"settings": settings, **identity, "files": file_fingerprints(files)}
+
+
+def already_evaluated(stage: str, inputs: dict[str, Any], subject: str, root: Path | None = None) -> bool:
+    """True, after one line saying so, when report/<stage>.json holds the results for exactly `inputs`."""
+    previous = previous_result(stage, inputs, root)
+    if previous is None:
+        return False
+    print(f"{stage}: {report_dir(root) / f'{stage}.json'} already holds the results for {subject} (written "
+          f"{previous['written_at']}); nothing to do (--force evaluates again)", flush=True)
+    return True
 
 
 def read_sections(root: Path | None = None) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,6 @@ running it again on the same checkpoint, data and settings does nothing (`--forc
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import sys
 import time
@@ -24,8 +23,8 @@ from nanochat.demo_data import read_manifest
 from nanochat.engine import Engine, batch_decode_path
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint, load_model, model_files
-from nanochat.paths import base_dir, data_dir, report_dir, tokenizer_dir
-from nanochat.report import file_fingerprints, previous_result, write_section
+from nanochat.paths import base_dir, data_dir, tokenizer_dir
+from nanochat.report import already_evaluated, evaluation_inputs, write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
 from nanochat.tokenizer import load_token_bytes
 
@@ -81,15 +80,9 @@ def main(config: BaseEvalConfig) -> int:
     train_files, val_files = split_shards(data_dir(root), "train"), split_shards(data_dir(root), "val")
     tag, step, directory = find_checkpoint("base", config.model_tag, config.step)
     load_token_bytes(tokenizer_dir(root))
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
-    inputs = {"settings": settings, "checkpoint": f"{tag} step {step}",
-              "files": file_fingerprints([*model_files(directory, step, root), *train_files, *val_files,
-                                          *([bundle] if bundle is not None else [])])}
-    previous = previous_result("base_eval", inputs, root)
-    if previous is not None and not config.force:
-        print(f"base_eval: {report_dir(root) / 'base_eval.json'} already holds the results for {tag} step {step} "
-              f"with these settings (written {previous['written_at']}); nothing to do (--force evaluates again)",
-              flush=True)
+    inputs = evaluation_inputs(config, [*model_files(directory, step, root), *train_files, *val_files,
+                                        *([bundle] if bundle is not None else [])], checkpoint=f"{tag} step {step}")
+    if not config.force and already_evaluated("base_eval", inputs, f"{tag} step {step} with these settings", root):
         return EXIT_OK
     try:
         runtime = setup_runtime(config.device_type, precision=config.precision)

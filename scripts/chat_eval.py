@@ -10,7 +10,6 @@ nothing (`--force` evaluates again). Under torchrun the examples are split acros
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import Literal
 from nanochat.chat_eval_runner import DEMO_FACTS, STANDARD_TASKS, build_task, chatcore, evaluate_task
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.model_loading import find_checkpoint, load_model, model_files
-from nanochat.paths import base_dir, report_dir
-from nanochat.report import file_fingerprints, previous_result, write_section
+from nanochat.paths import base_dir
+from nanochat.report import already_evaluated, evaluation_inputs, write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime
 from nanochat.tasks import is_demo_cache, require_available
 
@@ -77,14 +76,9 @@ def main(config: ChatEvalConfig) -> int:
     tasks = {name: build_task(name, root) for name in names}
     require_available(tasks.values())
     stage = f"chat_eval_{config.source}"
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "force"}
-    inputs = {"settings": settings, "tasks": names, "checkpoint": f"{phase} {tag} step {step}",
-              "files": file_fingerprints(model_files(directory, step, root))}
-    previous = previous_result(stage, inputs, root)
-    if previous is not None and not config.force:
-        print(f"chat_eval: {report_dir(root) / f'{stage}.json'} already holds the results for {phase} {tag} step "
-              f"{step} with these settings (written {previous['written_at']}); nothing to do (--force evaluates "
-              "again)", flush=True)
+    inputs = evaluation_inputs(config, model_files(directory, step, root), tasks=names,
+                               checkpoint=f"{phase} {tag} step {step}")
+    if not config.force and already_evaluated(stage, inputs, f"{phase} {tag} step {step} with these settings", root):
         return EXIT_OK
     try:
         runtime = setup_runtime(config.device_type, precision=config.precision)
@@ -115,7 +109,7 @@ def main(config: ChatEvalConfig) -> int:
             if core is not None:
                 metrics["ChatCORE"] = core
             write_section(stage, {
-                "settings": settings,
+                "settings": inputs["settings"],
                 "inputs": inputs,
                 "phase": REPORT_PHASE[config.source],
                 "metrics": metrics,

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from nanochat.configargs import EXIT_OK, config_to_dict, require, run_stage
+from nanochat.configargs import EXIT_OK, require, run_stage
 from nanochat.dataloader import split_shards
-from nanochat.paths import data_dir, report_dir, tokenizer_dir
-from nanochat.report import file_fingerprints, previous_result, write_section
+from nanochat.paths import data_dir, tokenizer_dir
+from nanochat.report import already_evaluated, evaluation_inputs, write_section
 from nanochat.tokenizer import Tokenizer, iter_parquet_texts
 
 SNIPPETS = {
@@ -58,7 +58,7 @@ class TokEvalConfig:
                               metadata={"help": "characters read from the train and from the validation split"})
     batch_docs: int = field(default=1024, metadata={"help": "documents encoded per batch"})
     force: bool = field(default=False, metadata={
-        "help": "measure again even if the report holds the results for this tokenizer, data and settings"})
+        "help": "evaluate again even if the report holds the results for this tokenizer, data and settings"})
 
     def __post_init__(self) -> None:
         require(self.sample_chars > 0, "--sample-chars must be positive")
@@ -89,13 +89,8 @@ def main(config: TokEvalConfig) -> int:
     start = time.perf_counter()
     tokenizer = Tokenizer.load(tokenizer_dir())
     train_shards, (val_shard,) = split_shards(data_dir(), "train"), split_shards(data_dir(), "val")
-    settings = {k: v for k, v in config_to_dict(config).items() if k != "force"}
-    inputs = {"settings": settings,
-              "files": file_fingerprints([*tokenizer_dir().iterdir(), *train_shards, val_shard])}
-    previous = previous_result("tok_eval", inputs)
-    if previous is not None and not config.force:
-        print(f"tok_eval: {report_dir() / 'tok_eval.json'} already holds the results for this tokenizer, data and "
-              f"settings (written {previous['written_at']}); nothing to do (--force measures again)", flush=True)
+    inputs = evaluation_inputs(config, [*tokenizer_dir().iterdir(), *train_shards, val_shard])
+    if not config.force and already_evaluated("tok_eval", inputs, "this tokenizer, data and settings"):
         return EXIT_OK
     rows = {
         "train": _measure(tokenizer, iter_parquet_texts(train_shards, config.sample_chars), config.batch_docs,
@@ -110,7 +105,7 @@ def main(config: TokEvalConfig) -> int:
     print(f"{'text':<12} {'bytes':>12} {'tokens':>12} {'bytes/token':>12}")
     for name, row in rows.items():
         print(f"{name:<12} {row['bytes']:>12,} {row['tokens']:>12,} {row['bytes_per_token']:>12.3f}")
-    write_section("tok_eval", {"settings": settings, "inputs": inputs, "seconds": round(time.perf_counter() - start, 2),
+    write_section("tok_eval", {"settings": inputs["settings"], "inputs": inputs, "seconds": round(time.perf_counter() - start, 2),
                                "vocab_size": tokenizer.vocab_size, "compression": rows})
     return EXIT_OK
 
