@@ -55,6 +55,23 @@ def test_menu_rejects_unknown_knobs_and_what_the_trainer_lacks():
         parse_menu({"knobs": {"precision": ["fp16"]}})
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sweep": 3, "knobs": {"depth": [1]}}, r"\[sweep\] must be a table"),
+    ({"knobs": [1, 2]}, r"\[knobs\] must be a table"),
+    ({"knobs": {"depth": [1]}, "fixed": "x"}, r"\[fixed\] must be a table"),
+    ({"knobs": {"depth": {"min": 1, "max": 4, "log": "yes"}}}, "log must be true or false"),
+    ({"knobs": {"depth": {"min": 1, "max": 4, "num": True}}}, "num must be a positive whole number"),
+    ({"sweep": {"steps": 0}, "knobs": {"depth": [1]}}, r"\[sweep\] steps = 0: expected a whole number >= 1"),
+    ({"sweep": {"candidates": -3}, "knobs": {"depth": [1]}}, r"\[sweep\] candidates = -3"),
+    ({"sweep": {"val_tokens": 0}, "knobs": {"depth": [1]}}, r"\[sweep\] val_tokens = 0"),
+    ({"sweep": {"eta": 1}, "knobs": {"depth": [1]}}, r"\[sweep\] eta = 1: expected a whole number >= 2"),
+    ({"sweep": {"steps": True}, "knobs": {"depth": [1]}}, r"\[sweep\] steps = True"),
+])
+def test_menu_refuses_wrong_shapes_types_and_counts(data, message):
+    with pytest.raises(UsageError, match=message):
+        parse_menu(data)
+
+
 def test_rejection_reasons_come_from_constraints_then_base_train_and_derive():
     menu = parse_menu(MENU)
     base = {**trainer_defaults(), "device_type": "cpu", **menu.fixed}

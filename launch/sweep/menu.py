@@ -37,6 +37,8 @@ from nanochat.configargs import UsageError
 
 STRATEGIES = ("grid", "random", "halving")
 SWEEP_DEFAULT_KEYS = {"strategy": str, "candidates": int, "steps": int, "seed": int, "val_tokens": int, "eta": int}
+SWEEP_MINIMUMS = {"candidates": 1, "steps": 1, "val_tokens": 1, "eta": 2}
+TABLES = ("sweep", "fixed", "knobs", "constraints")
 SIGNIFICANT_DIGITS = 4
 
 
@@ -157,11 +159,13 @@ def _parse_knob(name: str, spec: Any, types: dict) -> Knob:
             raise UsageError(f"{origin} {name}: ranges need a numeric setting; give a list of values")
         if not low < high:
             raise UsageError(f"{origin} {name}: min {low} must be below max {high}")
-        log = bool(spec.get("log", False))
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise UsageError(f"{origin} {name}: log must be true or false, got {log!r}")
         if log and low <= 0:
             raise UsageError(f"{origin} {name}: a log range needs min > 0")
         num = spec.get("num")
-        if num is not None and (not isinstance(num, int) or num < 1):
+        if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
             raise UsageError(f"{origin} {name}: num must be a positive whole number")
         return RangeKnob(name, low, high, log, num)
     return ListKnob(name, (_check_type(name, spec, types, origin),))
@@ -169,17 +173,22 @@ def _parse_knob(name: str, spec: Any, types: dict) -> Knob:
 
 def parse_menu(data: dict[str, Any]) -> Menu:
     """A Menu from parsed TOML; every problem is a UsageError naming the table and key."""
-    unknown_tables = set(data) - {"sweep", "fixed", "knobs", "constraints"}
+    unknown_tables = set(data) - set(TABLES)
     if unknown_tables:
         raise UsageError(f"menu: unknown table(s) {', '.join(sorted(unknown_tables))}; expected [sweep], [fixed], "
                          "[knobs], [constraints]")
+    for table in TABLES:
+        if not isinstance(data.get(table, {}), dict):
+            raise UsageError(f"menu: [{table}] must be a table, got {table} = {data[table]!r}")
     types = trainer.setting_types()
     defaults = {}
     for key, value in data.get("sweep", {}).items():
         if key not in SWEEP_DEFAULT_KEYS:
             raise UsageError(f"[sweep] {key}: unknown; expected {', '.join(SWEEP_DEFAULT_KEYS)}")
-        if not isinstance(value, SWEEP_DEFAULT_KEYS[key]):
+        if isinstance(value, bool) or not isinstance(value, SWEEP_DEFAULT_KEYS[key]):
             raise UsageError(f"[sweep] {key} = {value!r}: expected a {SWEEP_DEFAULT_KEYS[key].__name__}")
+        if key in SWEEP_MINIMUMS and value < SWEEP_MINIMUMS[key]:
+            raise UsageError(f"[sweep] {key} = {value!r}: expected a whole number >= {SWEEP_MINIMUMS[key]}")
         defaults[key] = value
     if defaults.get("strategy", "grid") not in STRATEGIES:
         raise UsageError(f"[sweep] strategy = {defaults['strategy']!r}: expected {', '.join(STRATEGIES)}")
