@@ -128,6 +128,15 @@ def test_bad_menu_and_missing_corpus_refuse_before_running(tiny_cache, tmp_path)
     assert not (tmp_path / "t.jsonl").exists()
 
 
+def test_a_bad_eta_is_refused_before_the_trajectory_is_written(tiny_cache, tmp_path):
+    menu, out = tmp_path / "menu.toml", tmp_path / "t.jsonl"
+    menu.write_text(TINY_MENU.format(extra=""))
+    args = ("--strategy", "halving", "--candidates", "4", "--steps", "4", "--val-tokens", "512")
+    proc = run(sweep_command(tiny_cache, menu, out, *args, "--eta", "1"))
+    assert proc.returncode == 2 and "--eta must be at least 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_twenty_candidate_sweep_killed_halfway_and_resumed(tiny_cache, tmp_path):
     check_killed_and_resumed(tiny_cache, tmp_path, candidates=20, steps=15, kill_at=8)

@@ -85,8 +85,10 @@ def _sweep(args, sites, repo_root: Path, environ, probe, which) -> int:
     from launch.sweep import campaign
     from launch.sweep.trajectory import SweepLock, read_events
 
-    for name in ("candidates", "steps", "eta", "val_tokens", "finalists", "max_parallel"):
+    for name in ("candidates", "steps", "val_tokens", "finalists", "max_parallel"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.eta is not None and args.eta < 2:
+        raise UsageError(f"--eta must be at least 2, got {args.eta} (halving keeps 1/eta of the candidates per rung)")
     phase = 2 if args.finalists else 1
     if phase == 1 and (args.menu is None or args.source is not None):
         raise UsageError("phase 1 needs --menu MENU.toml (phase 2 is --finalists K --from TRAJECTORY)")
