@@ -4,6 +4,11 @@ loop checks it at the next step boundary, saves a checkpoint and exits with EXIT
 A first Ctrl-C (SIGINT) says so on stderr and stops the same way, so interrupting a run on a laptop keeps
 its progress; a second Ctrl-C raises KeyboardInterrupt as usual and quits without saving.
 
+A StopRequest installed while another one's handlers are in place (the recipe lab runs each candidate's
+trainer inside the sweep's) passes every signal on to that outer one and starts with its request, so a stop
+that comes while the trainer cannot act on it (before its handlers exist, during its last evaluation) still
+stops the sweep.
+
 SLURM sends USR1 (or USR2, which submitit uses because NCCL may own USR1) shortly before a time limit;
 cloud schedulers send TERM. Under torch.distributed every rank must stop at the same step, so the flag is
 combined across ranks with an all-reduce (`should_stop`). That vote is read one boundary after it was
@@ -32,6 +37,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._vote: _StopVote | None = None  # cast at the previous boundary (distributed only)
+        self._outer: StopRequest | None = None  # whose handlers this one's replaced
 
     @property
     def requested(self) -> bool:
@@ -39,6 +45,8 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        if self._outer is not None:
+            self._outer._handle(signum, _frame)
 
     def _handle_interrupt(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
@@ -49,6 +57,10 @@ class StopRequest:
     def install(self) -> StopRequest:
         """Install the handlers (only possible from the main thread; elsewhere this is a no-op)."""
         if threading.current_thread() is threading.main_thread():
+            outer = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+            self._outer = outer if isinstance(outer, StopRequest) and outer is not self else None
+            if self._outer is not None:
+                self.signal_name = self._outer.signal_name
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
             signal.signal(signal.SIGINT, self._handle_interrupt)

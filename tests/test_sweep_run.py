@@ -137,6 +137,30 @@ def test_a_bad_eta_is_refused_before_the_trajectory_is_written(tiny_cache, tmp_p
     assert not out.exists()
 
 
+def test_sigterm_during_a_candidates_final_evaluation_stops_the_sweep(tiny_cache, tmp_path):
+    """The trainer only looks for a stop at step boundaries; one that arrives while the last evaluation runs
+    must still stop the sweep after that candidate is recorded, instead of being lost."""
+    menu, out = tmp_path / "menu.toml", tmp_path / "t.jsonl"
+    menu.write_text(TINY_MENU.format(extra="").replace("depth = [1, 2]", "depth = [1]")
+                    .replace("aspect_ratio = [16, 32]", "aspect_ratio = [16]").replace("[64, 128]", "[128]")
+                    .replace("[4, 8]", "[4]"))
+    command = sweep_command(tiny_cache, menu, out, "--candidates", "2", "--steps", "3", "--val-tokens", "100000")
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any("step 000003/000003" in log.read_text() for log in tiny_cache.glob("sweeps/*/*/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first candidate never reached its end"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "SIGTERM" in stderr and "rerun" in stderr
+    assert [e["event"] for e in records(out)] == ["evaluated"]
+    assert "finished" not in [e["event"] for e in read_events(out)]
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len({e["id"] for e in records(out)}) == len(records(out)) == 2
+
+
 @pytest.mark.slow
 def test_twenty_candidate_sweep_killed_halfway_and_resumed(tiny_cache, tmp_path):
     check_killed_and_resumed(tiny_cache, tmp_path, candidates=20, steps=15, kill_at=8)

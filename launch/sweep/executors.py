@@ -23,7 +23,8 @@ from launch.config import LaunchConfig
 from launch.executors import slurm_parameters
 from launch.sweep.candidates import shape_key
 from launch.sweep.trajectory import append_event
-from launch.sweep.worker import CandidateTask, run_and_record, run_candidate
+from launch.sweep.worker import CandidateTask, StoppedBySignal, run_and_record, run_candidate
+from nanochat.stopping import StopRequest
 
 EventCallback = Callable[[dict], None]
 
@@ -39,7 +40,11 @@ class WorkstationExecutor(SweepExecutor):
 
     def run(self, tasks: Sequence[CandidateTask], on_event: EventCallback) -> None:
         previous_shape = None
+        stop = StopRequest().install()  # each trainer passes its signals on to it
         for task in tqdm(tasks, desc="candidates", unit="run", disable=not sys.stderr.isatty()):
+            if stop.requested:
+                raise StoppedBySignal(f"{stop.signal_name} received: stopped before candidate {task.candidate_id}; "
+                                      "rerun the same command to resume")
             shape = shape_key(task.settings)
             if previous_shape is not None and shape != previous_shape:
                 import torch._dynamo

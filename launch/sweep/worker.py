@@ -32,7 +32,7 @@ LOG_TAIL_LINES = 20
 SPIKE_FACTOR = 2.0
 SPIKE_WARMUP_FRACTION = 0.1
 CACHE_LINKS = ("base_data", "tokenizer")
-TRAINER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+TRAINER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # the trainer's StopRequest
 
 
 class StoppedBySignal(RuntimeError):
