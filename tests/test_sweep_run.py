@@ -3,6 +3,7 @@ candidate exactly once; phase 2 reruns the finalists; the report ranks them. The
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,10 +12,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from launch.sweep.trajectory import read_events
+from launch.sweep import campaign
+from launch.sweep.candidates import Candidate
+from launch.sweep.executors import SweepExecutor
+from launch.sweep.trajectory import append_event, read_events
 from tests.conftest import REPO
 
 TINY_MENU = """\
@@ -159,6 +164,25 @@ def test_sigterm_during_a_candidates_final_evaluation_stops_the_sweep(tiny_cache
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len({e["id"] for e in records(out)}) == len(records(out)) == 2
+
+
+class RecordsOnlyTheFirst(SweepExecutor):
+    """An array whose other tasks died (time limit, node failure, scancel) before recording anything."""
+
+    def run(self, tasks, on_event):
+        event = {"event": "evaluated", **tasks[0].base_event(), "metrics": {"val_bpb": 3.0, "wall_seconds": 1.0}}
+        append_event(tasks[0].trajectory, event)
+        on_event(event)
+
+
+def test_runs_that_end_without_a_record_leave_the_sweep_unfinished(tmp_path):
+    out = tmp_path / "t.jsonl"
+    config = SimpleNamespace(site=SimpleNamespace(cache_dir=tmp_path / "cache"), stage_env={})
+    plan = campaign.SweepPlan(1, config, out, tmp_path / "sweeps", 3, 512, {}, {"event": "header", "phase": 1})
+    sweep = campaign.Sweep(plan, RecordsOnlyTheFirst(), out=io.StringIO())
+    sweep.open()
+    with pytest.raises(campaign.RunsMissing, match="2 of 3 runs ended without a record"):
+        sweep.run_tasks([sweep.task(Candidate({"matrix_lr": lr}), 3) for lr in (0.01, 0.02, 0.03)])
 
 
 @pytest.mark.slow

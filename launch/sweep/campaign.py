@@ -102,6 +102,11 @@ def base_settings(config: LaunchConfig, menu: Menu) -> dict[str, Any]:
     return settings
 
 
+class RunsMissing(RuntimeError):
+    """Runs the executor returned from without recording them (an array task killed by its time limit, a node
+    failure, scancel): the sweep is not finished; rerunning the same command runs them."""
+
+
 class Sweep:
     """Runs a plan against its trajectory file (the caller holds the SweepLock)."""
 
@@ -167,6 +172,11 @@ class Sweep:
         if len(todo) < len(tasks):
             self.say(f"{len(tasks) - len(todo)} of {len(tasks)} runs already recorded; running {len(todo)}")
         self.executor.run(todo, self.announce)
+        recorded = {record_key(e) for e in read_events(self.plan.out)}
+        missing = [t.candidate_id for t in todo if (t.phase, t.candidate_id, t.steps) not in recorded]
+        if missing:
+            raise RunsMissing(f"{len(missing)} of {len(todo)} runs ended without a record ({', '.join(missing)}); "
+                              "see their logs, then rerun the same command to run them")
 
     def results(self, steps: int) -> dict[str, dict[str, Any]]:
         """This phase's records at `steps` (evaluated and failed), by candidate id."""

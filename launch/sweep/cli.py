@@ -1,8 +1,8 @@
 """`python -m launch sweep ...` and `python -m launch sweep-report ...`: the recipe lab's command line.
 
 Exit status: 0 when every candidate is recorded, 2 for a usage error (bad menu, missing corpus, another
-sweep holding the file, a trajectory from a different sweep), 75 when a signal stopped a candidate (rerun
-the same command to resume), 130 on Ctrl-C.
+sweep holding the file, a trajectory from a different sweep), 75 when a signal stopped a candidate or an
+array task ended without recording its candidate (rerun the same command to resume), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _sweep(args, sites, repo_root: Path, environ, probe, which) -> int:
                 sweep.say(f"phase 2: {len(finalists)} finalists for {steps} steps: "
                           + ", ".join(e["id"] for e in finalists))
                 campaign.run_phase2(sweep, finalists)
-        except StoppedBySignal as exc:
+        except (StoppedBySignal, campaign.RunsMissing) as exc:
             sweep.say(str(exc))
             return EXIT_RESUMABLE
         except KeyboardInterrupt:
