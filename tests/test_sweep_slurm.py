@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -31,6 +33,32 @@ def test_sweep_runs_as_a_job_array_and_each_task_records_its_candidate(slurm_clu
     assert evaluated and all(e["metrics"]["val_bpb"] > 0 for e in evaluated)
     assert all(state == "COMPLETED" for state in final_states(slurm_cluster, array_id, len(evaluated))), \
         final_states(slurm_cluster, array_id, len(evaluated))
+
+
+def test_an_array_task_cancelled_before_recording_leaves_the_sweep_to_resume(slurm_cluster, tiny_cache, tmp_path):
+    checkout, _ = make_checkout(tmp_path)
+    menu, out = tmp_path / "menu.toml", tmp_path / "trajectory.jsonl"
+    menu.write_text(TINY_MENU.format(extra="").replace("depth = [1, 2]", "depth = [1]")
+                    .replace("aspect_ratio = [16, 32]", "aspect_ratio = [16]").replace("[64, 128]", "[128]")
+                    .replace("[4, 8]", "[4]"))
+    args = ("sweep", "--site", "cpu-slurm", "--menu", str(menu), "--out", str(out), "--candidates", "2",
+            "--steps", "1000", "--val-tokens", "512", "--max-parallel", "1")
+    env = {**slurm_cluster.env(), "PYTHONUNBUFFERED": "1"}
+    env.pop("NANOCHAT_BASE_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=checkout, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while True:
+        running = slurm_cluster.run("squeue", "--noheader", "--states=RUNNING", "--format=%i").stdout.split()
+        if running:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, "no array task started"
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", running[0])
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stderr[-4000:]
+    assert "ended without a record" in stderr
+    assert "finished" not in [e.get("event") for e in read_events(out)]
 
 
 def final_states(cluster, array_id: str, tasks: int, timeout_s: float = 60.0) -> list[str]:
