@@ -142,6 +142,22 @@ def test_a_bad_eta_is_refused_before_the_trajectory_is_written(tiny_cache, tmp_p
     assert not out.exists()
 
 
+def test_another_file_as_out_or_as_the_report_target_is_left_untouched(tiny_cache, tmp_path):
+    """--out naming someone's file (its last line unterminated, which a trajectory repair would cut) is refused,
+    and so is a report that would be written over its own trajectory."""
+    menu, out = tmp_path / "menu.toml", tmp_path / "results.csv"
+    menu.write_text(TINY_MENU.format(extra=""))
+    out.write_bytes(b"run,score\nbaseline,1.25")
+    proc = run(sweep_command(tiny_cache, menu, out, "--steps", "2", "--val-tokens", "512"))
+    assert proc.returncode == 2 and "is not a sweep trajectory" in proc.stderr, proc.stderr
+    assert out.read_bytes() == b"run,score\nbaseline,1.25"
+    named_md = tmp_path / "sweep.md"
+    named_md.write_text('{"event":"header","phase":1}\n')
+    proc = run([sys.executable, "-m", "launch", "sweep-report", str(named_md)])
+    assert proc.returncode == 2 and "name the trajectory *.jsonl" in proc.stderr
+    assert named_md.read_text() == '{"event":"header","phase":1}\n'
+
+
 def test_sigterm_during_a_candidates_final_evaluation_stops_the_sweep(tiny_cache, tmp_path):
     """The trainer only looks for a stop at step boundaries; one that arrives while the last evaluation runs
     must still stop the sweep after that candidate is recorded, instead of being lost."""

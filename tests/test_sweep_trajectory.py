@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from launch.sweep.report import device_hours, estimate_cost, ranked_table, write_report
-from launch.sweep.trajectory import SweepLock, append_event, read_events, repair
+from launch.sweep.trajectory import SweepLock, append_event, check_is_trajectory, read_events, repair
 from launch.sweep.worker import loss_spike, stress_flags
 from nanochat.configargs import UsageError
 
@@ -31,6 +31,21 @@ def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
     append_event(path, evaluated("abc", 1.5))
     lines = path.read_bytes().splitlines()
     assert len(lines) == 2 and all(json.loads(line) for line in lines)
+
+
+@pytest.mark.parametrize("content,is_trajectory", [
+    (None, True), (b"", True), (b'{"event":"header","phase":1}\n{"event":"evaluated"}\n', True),
+    (b'{"event": "header", "phase": 2}\n', True), (b'{"event":"header","pha', True),
+    (b"run,score\nbaseline,1.25", False), (b'{"event":"evaluated","id":"x"}\n', False), (b"notes", False)])
+def test_only_a_missing_empty_or_header_first_file_is_taken_as_a_trajectory(tmp_path, content, is_trajectory):
+    path = tmp_path / "t.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    if is_trajectory:
+        check_is_trajectory(path)
+    else:
+        with pytest.raises(UsageError, match="is not a sweep trajectory"):
+            check_is_trajectory(path)
 
 
 def test_a_candidate_record_is_written_once(tmp_path):

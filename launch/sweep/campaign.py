@@ -26,7 +26,7 @@ from launch.sweep.candidates import Candidate, order_by_shape, rejection_reason
 from launch.sweep.executors import SweepExecutor
 from launch.sweep.menu import Menu
 from launch.sweep.strategies import halving_budgets, initial_candidates, survivors
-from launch.sweep.trajectory import append_event, read_events, record_key, repair
+from launch.sweep.trajectory import append_event, check_is_trajectory, read_events, record_key, repair
 from launch.sweep.worker import CandidateTask
 from nanochat import paths
 from nanochat.configargs import UsageError
@@ -121,6 +121,7 @@ class Sweep:
 
     def open(self) -> list[dict[str, Any]]:
         """Cut a torn tail, check the header (write it on a new file); the events so far."""
+        check_is_trajectory(self.plan.out)
         cut = repair(self.plan.out)
         if cut:
             self.say(f"cut a torn last line ({cut} bytes) off {self.plan.out}")

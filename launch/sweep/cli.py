@@ -195,6 +195,9 @@ def report_main(argv: Sequence[str], repo_root: Path, environ: Mapping[str, str]
         from launch.sweep import report
         from launch.sweep.trajectory import read_events
 
+        if args.trajectory.suffix in (".md", ".png"):
+            raise UsageError(f"the report is written next to the trajectory as {args.trajectory.stem}.md and .png, "
+                             f"which would overwrite {args.trajectory}: name the trajectory *.jsonl")
         events = read_events(args.trajectory)
         if not events:
             raise UsageError(f"{args.trajectory} is empty or does not exist")

@@ -76,6 +76,29 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_is_trajectory(path: Path) -> None:
+    """UsageError unless `path` is missing, empty or starts with a sweep header line (or a torn one): a sweep
+    must never cut or append to someone else's file given as --out."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(1 << 20)
+    except FileNotFoundError:
+        return
+    if not first:
+        return
+    if first.endswith(b"\n"):
+        try:
+            event = json.loads(first)
+        except json.JSONDecodeError:
+            event = None
+        header = isinstance(event, dict) and event.get("event") == "header"
+    else:  # a header torn by a kill during the sweep's first write
+        header = first.replace(b" ", b"").startswith(b'{"event":"header"')
+    if not header:
+        raise UsageError(f"{path} exists and is not a sweep trajectory (its first line is not a sweep header); "
+                         "pass another --out")
+
+
 def repair(path: Path) -> int:
     """Cut a torn last line off the file; the number of bytes removed."""
     with _locked(path) as fd:
