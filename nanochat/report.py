@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from nanochat.configargs import UsageError
 from nanochat.paths import report_dir
 
 
@@ -75,10 +76,49 @@ def already_evaluated(stage: str, inputs: dict[str, Any], subject: str, root: Pa
 
 
 def read_sections(root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every report/<stage>.json; one that is unreadable or not shaped like a section is a UsageError naming it."""
     directory = report_dir(root)
     if not directory.is_dir():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+    return {path.stem: _read_section(path) for path in sorted(directory.glob("*.json"))}
+
+
+HISTORIES = ("loss_history", "val_history", "reward_history", "gsm8k_history")
+
+
+def _read_section(path: Path) -> dict[str, Any]:
+    try:
+        section = json.loads(path.read_text(encoding="utf-8"))
+        problem = _section_problem(section)
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    if problem:
+        raise UsageError(f"{path} is not a readable report section ({problem}): run the stage that writes it "
+                         "again, or delete the file")
+    return section
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _section_problem(section: Any) -> str | None:
+    """What keeps `section` from being rendered (the fields the report formats or plots), or None."""
+    if not isinstance(section, dict):
+        return "not a JSON object"
+    if section.get("seconds") is not None and not _is_number(section["seconds"]):
+        return "'seconds' is not a number"
+    for key in ("metrics", "settings"):
+        if section.get(key) is not None and not isinstance(section[key], dict):
+            return f"{key!r} is not an object"
+    if not all(_is_number(v) for v in (section.get("metrics") or {}).values()):
+        return "a metric is not a number"
+    for key in HISTORIES:
+        points = section.get(key)
+        if points is not None and not (isinstance(points, list) and all(
+                isinstance(p, list) and len(p) >= 2 and all(_is_number(v) for v in p) for p in points)):
+            return f"{key!r} is not a list of [step, value] points"
+    return None
 
 
 STAGE_ORDER = ("demo_data", "tok_train", "tok_eval", "base_train", "base_eval", "mid_train", "chat_sft",

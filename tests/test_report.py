@@ -1,5 +1,7 @@
 """report.md assembly: results table, plots and per-stage sections."""
 
+import pytest
+
 from nanochat.report import file_fingerprints, previous_result, read_sections, results_table, write_section
 from scripts.report import ReportConfig, main
 
@@ -55,3 +57,26 @@ def test_previous_result_matches_only_the_same_inputs(tmp_path):
     assert previous_result("base_eval", {**inputs, "files": file_fingerprints([data])}, root=tmp_path) is None
     (tmp_path / "report" / "base_eval.json").write_text("{not json")
     assert previous_result("base_eval", inputs, root=tmp_path) is None
+
+
+BROKEN_SECTIONS = [
+    ('{"stage": "base_train", "seconds": 1', "base_train.json"),  # cut short
+    ("[1, 2]", "not a JSON object"),
+    ('{"seconds": "12"}', "'seconds' is not a number"),
+    ('{"phase": "SFT", "metrics": {"GSM8K": "high"}}', "a metric is not a number"),
+    ('{"loss_history": [1, 2, 3]}', "'loss_history' is not a list of [step, value] points"),
+]
+
+
+@pytest.mark.parametrize("text,message", BROKEN_SECTIONS, ids=[m for _, m in BROKEN_SECTIONS])
+def test_broken_section_is_a_usage_error_naming_the_file(tmp_path, monkeypatch, capsys, text, message):
+    from scripts.report import cli
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    _sections(tmp_path)
+    (tmp_path / "report" / "base_train.json").write_text(text)
+    assert cli([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'report' / 'base_train.json'} is not a readable report section")
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "report" / "report.md").exists()
