@@ -116,6 +116,11 @@ def parse_chat_request(raw: bytes, limits: ChatLimits, defaults: SamplingDefault
         if role != expected:
             raise BadRequest(f"message {i} should be from the {expected}: messages alternate user/assistant, "
                              "starting with the user")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"message {i} contains a lone surrogate (half of a UTF-16 pair), which is not "
+                             "text") from None
         length = len(message["content"])
         if length > limits.max_message_chars:
             raise BadRequest(f"message {i} is {length} characters; the limit is {limits.max_message_chars}")

@@ -184,6 +184,7 @@ BAD_REQUESTS = [
     ({"messages": [user("a"), user("b")]}, "alternate"),
     ({"messages": [user("a"), {"role": "assistant", "content": "b"}]}, "last message"),
     ({"messages": [{"role": "user", "content": 5}]}, "string 'content'"),
+    ({"messages": [user("half a pair \ud83d")]}, "lone surrogate"),  # valid JSON, not encodable text
     ({"messages": [user("hi")], "temperature": 2.5}, "temperature"),
     ({"messages": [user("hi")], "temperature": -0.1}, "temperature"),
     ({"messages": [user("hi")], "temperature": "hot"}, "temperature"),
