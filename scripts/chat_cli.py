@@ -102,10 +102,15 @@ def main(config: ChatCliConfig) -> int:
             continue
         if not text:
             continue
-        conversation += user_turn_ids(engine, text)
+        turn_ids = user_turn_ids(engine, text)
+        if 1 + len(turn_ids) >= engine.max_context:
+            print(f"(that message is {1 + len(turn_ids)} tokens; the model reads at most {engine.max_context - 1}: "
+                  "send a shorter one)")
+            continue
+        conversation += turn_ids
         if len(conversation) >= engine.max_context:
             print(f"(the conversation no longer fits in {engine.max_context} tokens; starting a new one)")
-            conversation = [bos, *user_turn_ids(engine, text)]
+            conversation = [bos, *turn_ids]
         print("\nAssistant: ", end="", flush=True)
         answer = stream_answer(engine, conversation, config, config.seed + turn)
         conversation += answer + [assistant_end]

@@ -314,3 +314,11 @@ def test_web_port_in_use_is_a_usage_error_before_loading(cli_cache, capsys, monk
         assert chat_web.cli(["--source", "base", "--device-type", "cpu", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
+
+
+def test_cli_message_longer_than_the_context_is_refused_and_the_chat_goes_on(cli_cache, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("fox " * 2000 + "\nhello\n"))
+    assert chat_cli.cli(["-i", "base", "--max-tokens", "4", "--temperature", "0", "--device-type", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "the model reads at most 639" in out
+    assert out.count("Assistant: ") == 1
