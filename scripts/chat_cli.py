@@ -46,6 +46,17 @@ class ChatCliConfig:
         require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
         require(self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
         require(self.prompt is None or self.prompt.strip() != "", "--prompt must not be empty")
+        require(self.prompt is None or is_utf8(self.prompt),
+                "--prompt is not valid UTF-8 text; set the terminal's encoding to UTF-8")
+
+
+def is_utf8(text: str) -> bool:
+    """False for text read from bytes that are not UTF-8 (Python keeps those bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def stream_answer(engine: Engine, prompt_ids: list[int], config: ChatCliConfig, seed: int) -> list[int]:
@@ -101,6 +112,9 @@ def main(config: ChatCliConfig) -> int:
             print("(new conversation)")
             continue
         if not text:
+            continue
+        if not is_utf8(text):
+            print("(that message is not valid UTF-8 text; set the terminal's encoding to UTF-8)")
             continue
         turn_ids = user_turn_ids(engine, text)
         if 1 + len(turn_ids) >= engine.max_context:

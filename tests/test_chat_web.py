@@ -322,3 +322,17 @@ def test_cli_message_longer_than_the_context_is_refused_and_the_chat_goes_on(cli
     out = capsys.readouterr().out
     assert "the model reads at most 639" in out
     assert out.count("Assistant: ") == 1
+
+
+def test_cli_input_that_is_not_utf8_is_refused_and_the_chat_goes_on(cli_cache, capsys, monkeypatch):
+    """Python reads undecodable stdin bytes (a Latin-1 terminal's 'é') as lone surrogates."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9\nhello\n"))
+    assert chat_cli.cli(["-i", "base", "--max-tokens", "4", "--temperature", "0", "--device-type", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "not valid UTF-8" in out and out.count("Assistant: ") == 1
+
+
+def test_cli_prompt_that_is_not_utf8_is_a_usage_error(cli_cache, capsys):
+    assert chat_cli.cli(["-i", "base", "-p", "caf\udce9", "--device-type", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompt is not valid UTF-8") and err.count("\n") == 1
