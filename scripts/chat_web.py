@@ -98,6 +98,8 @@ def parse_chat_request(raw: bytes, limits: ChatLimits, defaults: SamplingDefault
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with a 'messages' list")
     messages = body.get("messages")

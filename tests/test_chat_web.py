@@ -172,6 +172,7 @@ def test_split_utf8_is_never_streamed_as_replacement_characters(tokenizer):
 BAD_REQUESTS = [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ({}, "non-empty list"),
     ({"messages": []}, "non-empty list"),
     ({"messages": "hi"}, "non-empty list"),
