@@ -351,7 +351,7 @@ def _write_report(config, hp, loop, runtime, peak) -> None:
         "num_params": hp.params.total,
         "num_iterations": hp.num_iterations,
         "tokens_seen": loop["tokens_seen"],
-        "training_seconds": seconds,
+        "seconds": seconds,
         "tokens_per_second": loop["tokens_seen"] / seconds if seconds else None,
         "mfu_percent": (100 * hp.flops_per_token * loop["tokens_seen"] / seconds / (peak.flops * runtime.world_size)
                         if peak is not None and seconds else None),

@@ -140,6 +140,7 @@ def test_report_section_and_learning(tiny_cache):
     first, last = report["val_history"][0], report["val_history"][-1]
     assert last[1] < first[1]
     assert report["final_val_bpb"] == last[1]
+    assert report["seconds"] > 0  # report.md's per-stage time and total read "seconds", as for every stage
 
 
 def test_divergence_exits_3_and_keeps_last_good_checkpoint(tiny_cache):

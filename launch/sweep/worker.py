@@ -84,7 +84,7 @@ def metrics_from_report(report: dict[str, Any], steps: int) -> dict[str, Any]:
         "unigram_bpb": val[-1][2] if val else None,
         "final_loss": losses[-1][1] if losses else None,
         "tokens_per_second": report.get("tokens_per_second"),
-        "training_seconds": report.get("training_seconds"),
+        "training_seconds": report.get("seconds"),
         "tokens_seen": report.get("tokens_seen"),
         "num_params": report.get("num_params"),
         "mfu_percent": report.get("mfu_percent"),
