@@ -8,6 +8,7 @@ calculator tool runs inside the engine. A missing checkpoint exits 2 naming the 
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class ChatCliConfig:
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
 
     def __post_init__(self) -> None:
-        require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        require(math.isfinite(self.temperature) and self.temperature >= 0,
+                f"--temperature must be a finite number >= 0, got {self.temperature}")
         require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
         require(self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
         require(self.prompt is None or self.prompt.strip() != "", "--prompt must not be empty")

@@ -337,3 +337,9 @@ def test_cli_prompt_that_is_not_utf8_is_a_usage_error(cli_cache, capsys):
     assert chat_cli.cli(["-i", "base", "-p", "caf\udce9", "--device-type", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --prompt is not valid UTF-8") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_cli_temperature_must_be_finite_and_not_negative(cli_cache, capsys, value):
+    assert chat_cli.cli(["-i", "base", "-p", "hi", "--temperature", value, "--device-type", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --temperature must be a finite number >= 0")
