@@ -22,6 +22,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_RESUMABLE = 75
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C where there was nothing to save (128 + SIGINT, as shells report it)
 
 
 class UsageError(ValueError):
@@ -103,6 +104,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_RESUMABLE", "UsageError", "require",
+    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_RESUMABLE", "EXIT_INTERRUPTED", "UsageError",
+    "require",
     "build_parser", "parse_config", "run_stage", "config_to_dict", "typing",
 ]

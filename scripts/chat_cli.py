@@ -1,12 +1,15 @@
 """Talk to a trained model in the terminal: `python -m scripts.chat_cli [-i sft] [-p "question"]`.
 
-With `-p/--prompt` it prints one answer and exits; otherwise it reads messages in a loop (`quit`, `exit` or
-end-of-file leave, `clear` starts a new conversation). Answers stream as they are generated; the
-calculator tool runs inside the engine. A missing checkpoint exits 2 naming the stage that writes it.
+With `-p/--prompt` it prints one answer and exits; otherwise it reads messages in a loop (`quit`, `exit`,
+end-of-file or Ctrl-C at the prompt leave, `clear` starts a new conversation). Answers stream as they are
+generated; Ctrl-C during an answer stops that answer (the conversation keeps what was said; with `-p` the
+command exits 130). The calculator tool runs inside the engine. A missing checkpoint exits 2 naming the
+stage that writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -16,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
+from nanochat.configargs import EXIT_INTERRUPTED, EXIT_OK, UsageError, require, run_stage
 from nanochat.engine import Engine, TextStream
 from nanochat.model_loading import load_model
 from nanochat.runtime import setup_runtime
@@ -61,19 +64,26 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def stream_answer(engine: Engine, prompt_ids: list[int], config: ChatCliConfig, seed: int) -> list[int]:
-    """Print the answer as it is generated; return its tokens (without the stop token)."""
+def stream_answer(engine: Engine, prompt_ids: list[int], config: ChatCliConfig,
+                  seed: int) -> tuple[list[int], bool]:
+    """Print the answer as it is generated; (its tokens without the stop token, whether Ctrl-C cut it short)."""
     stream = TextStream(engine.tokenizer)
     answer: list[int] = []
-    for tokens, _ in engine.generate(prompt_ids, max_tokens=config.max_tokens, temperature=config.temperature,
-                                     top_k=config.top_k, seed=seed):
-        token = tokens[0]
-        if token in engine.stop_ids:
-            break
-        answer.append(token)
-        print(stream.push(token), end="", flush=True)
+    generation = engine.generate(prompt_ids, max_tokens=config.max_tokens, temperature=config.temperature,
+                                 top_k=config.top_k, seed=seed)
+    try:
+        with contextlib.closing(generation):
+            for tokens, _ in generation:
+                token = tokens[0]
+                if token in engine.stop_ids:
+                    break
+                answer.append(token)
+                print(stream.push(token), end="", flush=True)
+    except KeyboardInterrupt:
+        print(stream.flush() + " (stopped)", flush=True)
+        return answer, True
     print(stream.flush(), flush=True)
-    return answer
+    return answer, False
 
 
 def user_turn_ids(engine: Engine, text: str) -> list[int]:
@@ -94,8 +104,8 @@ def main(config: ChatCliConfig) -> int:
         prompt_ids = [bos, *user_turn_ids(engine, config.prompt)]
         require(len(prompt_ids) < engine.max_context,
                 f"--prompt is {len(prompt_ids)} tokens; the model reads at most {engine.max_context - 1}")
-        stream_answer(engine, prompt_ids, config, config.seed)
-        return EXIT_OK
+        _, interrupted = stream_answer(engine, prompt_ids, config, config.seed)
+        return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
     engine.warm_up()
     print(f"nanochat {config.source} model {loaded.tag} step {loaded.step}. "
@@ -104,7 +114,7 @@ def main(config: ChatCliConfig) -> int:
     for turn in itertools.count():
         try:
             text = input("\nUser: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return EXIT_OK
         if text.lower() in QUIT_WORDS:
@@ -128,7 +138,7 @@ def main(config: ChatCliConfig) -> int:
             print(f"(the conversation no longer fits in {engine.max_context} tokens; starting a new one)")
             conversation = [bos, *turn_ids]
         print("\nAssistant: ", end="", flush=True)
-        answer = stream_answer(engine, conversation, config, config.seed + turn)
+        answer, _ = stream_answer(engine, conversation, config, config.seed + turn)
         conversation += answer + [assistant_end]
 
 

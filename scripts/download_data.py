@@ -47,7 +47,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nanochat.configargs import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError, require, run_stage
+from nanochat.configargs import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    require,
+    run_stage,
+)
 from nanochat.download import (
     DownloadError,
     ProgressCallback,
@@ -75,7 +83,6 @@ HF_CACHE_DIR = "hf"
 DEMO_MARKER = "DEMO"
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
-EXIT_INTERRUPTED = 130
 
 OK = "ok"
 SKIPPED_VERIFIED = "skipped-verified"

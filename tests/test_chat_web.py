@@ -289,6 +289,42 @@ def test_cli_interactive_loop(cli_cache, capsys, monkeypatch):
     assert out.count("Assistant: ") == 2 and "(new conversation)" in out
 
 
+class InterruptedStream(chat_cli.TextStream):
+    """A TextStream whose third token, in the first answer only, arrives with a Ctrl-C."""
+
+    answers = 0
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        InterruptedStream.answers += 1
+        self.pushed = 0
+
+    def push(self, token):
+        self.pushed += 1
+        if InterruptedStream.answers == 1 and self.pushed == 3:
+            raise KeyboardInterrupt
+        return super().push(token)
+
+
+class CtrlCAtThePrompt(io.StringIO):
+    def readline(self, *args):
+        raise KeyboardInterrupt
+
+
+def test_cli_ctrl_c_stops_the_answer_and_the_chat_goes_on(cli_cache, capsys, monkeypatch):
+    monkeypatch.setattr(chat_cli, "TextStream", InterruptedStream)
+    InterruptedStream.answers = 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nfox?\n"))
+    assert chat_cli.cli(["-i", "base", "--max-tokens", "8", "--temperature", "0", "--device-type", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 2 and out.count("(stopped)") == 1
+    InterruptedStream.answers = 0
+    assert chat_cli.cli(["-i", "base", "-p", "hello", "--max-tokens", "8", "--device-type", "cpu"]) == 130
+    assert "(stopped)" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", CtrlCAtThePrompt())
+    assert chat_cli.cli(["-i", "base", "--device-type", "cpu"]) == 0  # Ctrl-C at the prompt leaves quietly
+
+
 def test_cli_missing_checkpoint_names_the_stage(cli_cache, capsys):
     assert chat_cli.cli(["--source", "sft", "-p", "hi", "--device-type", "cpu"]) == 2
     assert "scripts.chat_sft" in capsys.readouterr().err
