@@ -18,6 +18,7 @@ from typing import Any
 
 from nanochat.configargs import UsageError
 from nanochat.paths import report_dir
+from nanochat.runtime import print0_before_setup
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,8 +71,8 @@ def already_evaluated(stage: str, inputs: dict[str, Any], subject: str, root: Pa
     previous = previous_result(stage, inputs, root)
     if previous is None:
         return False
-    print(f"{stage}: {report_dir(root) / f'{stage}.json'} already holds the results for {subject} (written "
-          f"{previous['written_at']}); nothing to do (--force evaluates again)", flush=True)
+    print0_before_setup(f"{stage}: {report_dir(root) / f'{stage}.json'} already holds the results for {subject} "
+                        f"(written {previous['written_at']}); nothing to do (--force evaluates again)")
     return True
 
 

@@ -131,6 +131,13 @@ def print0(runtime: Runtime, *args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def print0_before_setup(*args, **kwargs) -> None:
+    """`print0` for a stage that ends before `setup_runtime`: reads torchrun's RANK itself, so the line appears
+    once under torchrun too."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs, flush=True)
+
+
 def warn0(runtime: Runtime, message: str) -> None:
     """A loud warning for fallbacks that change behaviour (kernel, precision, MFU peak)."""
     if runtime.is_master:

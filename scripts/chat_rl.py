@@ -36,7 +36,7 @@ from nanochat.gpt import GPT
 from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
-from nanochat.runtime import print0, setup_runtime, teardown_runtime
+from nanochat.runtime import print0, print0_before_setup, setup_runtime, teardown_runtime
 from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
 from nanochat.stopping import StopRequest
 from nanochat.tasks import GSM8K, require_available
@@ -146,8 +146,8 @@ def main(config: ChatRLConfig) -> int:
     out_dir = checkpoint_dir("chatrl", source.tag)
     done = finished_step(out_dir)
     if done is not None and not config.force:
-        print(f"chat_rl: {out_dir} already holds the finished run (step {done}); nothing to do (--force trains "
-              "again)", flush=True)
+        print0_before_setup(f"chat_rl: {out_dir} already holds the finished run (step {done}); nothing to do "
+                            "(--force trains again)")
         return EXIT_OK
     tokenizer = Tokenizer.load(tokenizer_dir())
     require(tokenizer.vocab_size == model_config.vocab_size,

@@ -19,7 +19,7 @@ from nanochat.chat_data import MixedBatches, PaddedChatLoader
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.dataloader import PackedTokenLoader, split_shards
 from nanochat.paths import checkpoint_dir, data_dir, tokenizer_dir
-from nanochat.runtime import setup_runtime, teardown_runtime
+from nanochat.runtime import print0_before_setup, setup_runtime, teardown_runtime
 from nanochat.tasks import GSM8K, ARCChallenge, ARCEasy, Identity, SmolTalk, TaskMixture, require_available
 from nanochat.tokenizer import Tokenizer
 from nanochat.training_loop import (
@@ -72,8 +72,8 @@ def main(config: ChatSFTConfig) -> int:
     out_dir = checkpoint_dir("chatsft", source.tag)
     done = finished_step(out_dir)
     if done is not None and not config.force:
-        print(f"chat_sft: {out_dir} already holds the finished run (step {done}); nothing to do "
-              "(--force trains again)", flush=True)
+        print0_before_setup(f"chat_sft: {out_dir} already holds the finished run (step {done}); nothing to do "
+                            "(--force trains again)")
         return EXIT_OK
     text_rows = config.text_rows
     chat_rows = config.device_batch_size - text_rows

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from nanochat.chat_data import PackedChatLoader, mean_rendered_length
 from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.paths import checkpoint_dir, tokenizer_dir
-from nanochat.runtime import print0, setup_runtime, teardown_runtime
+from nanochat.runtime import print0, print0_before_setup, setup_runtime, teardown_runtime
 from nanochat.tasks import GSM8K, MMLU, Identity, SmolTalk, TaskMixture, require_available
 from nanochat.tokenizer import Tokenizer
 from nanochat.training_loop import (
@@ -62,8 +62,8 @@ def main(config: MidTrainConfig) -> int:
     out_dir = checkpoint_dir("mid", source.tag)
     done = finished_step(out_dir)
     if done is not None and not config.force:
-        print(f"mid_train: {out_dir} already holds the finished run (step {done}); nothing to do "
-              "(--force trains again)", flush=True)
+        print0_before_setup(f"mid_train: {out_dir} already holds the finished run (step {done}); nothing to do "
+                            "(--force trains again)")
         return EXIT_OK
     tokenizer = Tokenizer.load(tokenizer_dir())
     model_config = source_model_config(source)

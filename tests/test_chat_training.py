@@ -184,6 +184,8 @@ def test_two_process_mid_train_sums_counts_over_ranks(tiny_cache):
     assert report["tokens_seen"] == 4 * 512
     assert 0 < report["supervised_tokens"] <= report["tokens_seen"]
     assert all(math.isfinite(loss) for _, loss in report["loss_history"]) and len(report["loss_history"]) == 4
+    again = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("nothing to do") == 1, again.stdout + again.stderr[-3000:]
 
 
 def test_bad_flags_exit_2(tiny_cache):
