@@ -118,10 +118,15 @@ def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "a
 
 
 def teardown_runtime(runtime: Runtime) -> None:
-    """Leave the process group once every rank got here (a rank that tears down while rank 0 still writes
-    its report aborts the job)."""
+    """Leave the process group; stages call this from a `finally`.
+
+    After a normal end, once every rank got here (a rank that tears down while rank 0 still writes its report
+    aborts the job). While an exception is on its way out, at once: the other ranks may be waiting for this
+    one in a collective and never reach the barrier, and waiting there would hang the whole job instead of
+    letting this rank exit, so that torchrun ends the job."""
     if runtime.distributed and dist.is_initialized():
-        dist.barrier()
+        if sys.exc_info()[1] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from nanochat import checkpoint as ckpt
+from nanochat.dataloader import split_shards
 from tests.conftest import REPO, run_stage
 
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
@@ -131,6 +133,27 @@ def test_two_process_run_resumes_only_with_the_same_number_of_processes(tiny_cac
     meta = ckpt.read_meta(directory, 4)
     assert meta["finished"] and meta["world_size"] == 2
     assert [step for step, _ in meta["loop_state"]["loss_history"]] == [1, 2, 3, 4]
+
+
+def test_a_rank_failing_alone_ends_the_job_instead_of_hanging_it(tiny_cache):
+    """A validation shard of one row group gives rank 1 of 2 no documents: rank 1 fails with its one-line
+    error while rank 0 waits for it in the evaluation's all-reduce. The job must end, non-zero, in seconds
+    (a rank leaving on an error must not wait at the teardown barrier for a peer that never gets there)."""
+    val = split_shards(tiny_cache / "base_data", "val")[0]
+    table = pq.read_table(val)
+    pq.write_table(table, val, row_group_size=table.num_rows)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tiny_cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "scripts.base_train", *TINY, "--num-iterations", "4", "--model-tag", "alone"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes it on to its workers and kills them 30 s later
+        out, err = proc.communicate(timeout=90)
+        raise AssertionError(f"the job hung after rank 1 failed\n{out[-2000:]}\n{err[-3000:]}") from None
+    assert proc.returncode != 0
+    assert "error: rank 1 of 2 gets no documents" in err, err[-3000:]
 
 
 def test_report_section_and_learning(tiny_cache):
