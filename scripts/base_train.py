@@ -253,6 +253,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         print0(runtime, f"step {step:06d} | checkpoint saved to {out_dir}")
 
     first_step = loop["step"]
+    timed = {"seconds": 0.0, "steps": 0}  # this process's timed steps (the ETA's rate; a resume starts afresh)
     readback = LossReadback(device)
     pending: list[tuple[int, float]] = []  # (step, lr multiplier) of the step whose loss is on its way
 
@@ -271,13 +272,15 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         loop["tokens_seen"] += tokens
         if not (use_compile and step == first_step + 1):
             loop["training_seconds"] += dt
+            timed["seconds"] += dt
+            timed["steps"] += 1
         loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
         smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
         loop["loss_history"].append([step, train_loss])
         tok_per_s = tokens / dt
         mfu = (f" | mfu {100 * hp.flops_per_token * tok_per_s / (peak.flops * runtime.world_size):.1f}%"
                if peak is not None else "")
-        remaining = (hp.num_iterations - step) * (loop["training_seconds"] / max(step - first_step, 1))
+        remaining = (hp.num_iterations - step) * (timed["seconds"] / max(timed["steps"], 1))
         print0(runtime, f"step {step:06d}/{hp.num_iterations:06d} ({100 * step / hp.num_iterations:.1f}%) "
                         f"| loss {train_loss:.4f} (smooth {smooth:.4f}) | lr x{lr_mult:.3f} "
                         f"| dt {1000 * dt:.0f} ms | tok/s {tok_per_s:,.0f}{mfu} "

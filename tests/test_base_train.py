@@ -96,8 +96,15 @@ def test_signal_saves_and_exits_75_then_resumes(tiny_cache, signum):
     directory = tiny_cache / "base_checkpoints" / tag
     stopped_at = ckpt.latest_complete_step(directory)
     assert 3 <= stopped_at < STEPS and not ckpt.read_meta(directory, stopped_at)["finished"]
+    # the ETA after a resume comes from this run's own steps: a long earlier run must not inflate it
+    meta_file = ckpt.meta_path(directory, stopped_at)
+    meta = json.loads(meta_file.read_text())
+    meta["loop_state"]["training_seconds"] = 1e6
+    meta_file.write_text(json.dumps(meta))
     again = run_stage("base_train", *args, cache=tiny_cache)
     assert f"resumed from {directory} at step {stopped_at}" in again.stdout
+    etas = [float(line.split("| eta ")[1].split()[0]) for line in again.stdout.splitlines() if "| eta " in line]
+    assert etas and max(etas) < 5, again.stdout
     assert _losses(tiny_cache, tag) == _losses(tiny_cache, f"{tag}-straight")
     rerun = run_stage("base_train", *args, cache=tiny_cache)
     assert "nothing to do" in rerun.stdout
