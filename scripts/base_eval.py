@@ -10,6 +10,7 @@ running it again on the same checkpoint, data and settings does nothing (`--forc
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ def main(config: BaseEvalConfig) -> int:
     tag, step, directory = find_checkpoint("base", config.model_tag, config.step)
     load_token_bytes(tokenizer_dir(root))
     inputs = evaluation_inputs(config, [*model_files(directory, step, root), *train_files, *val_files,
-                                        *([bundle] if bundle is not None else [])], checkpoint=f"{tag} step {step}")
+                                        *([bundle] if bundle is not None else [])], checkpoint=f"{tag} step {step}",
+                               processes=int(os.environ.get("WORLD_SIZE", "1")))  # ranks split the documents
     if not config.force and already_evaluated("base_eval", inputs, f"{tag} step {step} with these settings", root):
         return EXIT_OK
     try:

@@ -201,8 +201,12 @@ def test_base_eval_on_the_demo_corpus_skips_core(base_cache):
     assert 0 < section["val_bpb"] < 20 and 0 < section["train_bpb"] < 20
     assert len(section["samples"]) >= 3 and section["model_tag"] == "d2" and section["step"] == 4
 
-    again = run_stage("base_eval", *EVAL_ARGS, cache=base_cache)
+    again = run_stage("base_eval", *EVAL_ARGS, cache=base_cache, extra_env={"WORLD_SIZE": "1"})
     assert "nothing to do" in again.stdout and "bpb" not in again.stdout
+    # under torchrun the ranks split the documents, so another process count is another evaluation (here
+    # it goes on to set up a process group that has no rendezvous, and fails: the point is that it tried)
+    two = run_stage("base_eval", *EVAL_ARGS, cache=base_cache, extra_env={"WORLD_SIZE": "2"}, check=False)
+    assert "nothing to do" not in two.stdout
     assert json.loads((base_cache / "report" / "base_eval.json").read_text()) == section
     weights = base_cache / "base_checkpoints" / "d2" / "model_000004.pt"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
