@@ -3,7 +3,8 @@
 An evaluation stage records in its section the `inputs` it measured (`evaluation_inputs`: its settings and
 the size and modification time of every file it read). `previous_result` finds that section again when
 nothing has changed, and `already_evaluated` says so in one line, so running a finished evaluation again
-is a no-op, as for every stage.
+is a no-op, as for every stage; report.md marks a section whose files have changed since as stale
+(`changed_inputs`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def previous_result(stage: str, inputs: dict[str, Any], root: Path | None = None
     except (OSError, ValueError):
         return None
     return section if section.get("inputs") == json.loads(json.dumps(inputs, default=str)) else None
+
+
+def changed_inputs(section: dict[str, Any]) -> list[str]:
+    """The files an evaluation section was computed from that have changed or gone since (none recorded: [])."""
+    changed = []
+    for fingerprint in (section.get("inputs") or {}).get("files", []):
+        path = fingerprint.rsplit(" ", 2)[0]
+        if not Path(path).exists() or file_fingerprints([Path(path)]) != [fingerprint]:
+            changed.append(path)
+    return changed
 
 
 def evaluation_inputs(config: Any, files: Iterable[Path], **identity: Any) -> dict[str, Any]:
@@ -171,6 +182,12 @@ def render_markdown(sections: dict[str, dict[str, Any]], environment: dict[str, 
     for name in _ordered(sections):
         section = sections[name]
         out += [f"## {name}", ""]
+        changed = changed_inputs(section)
+        if changed:
+            stage, _, source = name.partition("_eval_")
+            rerun = f"python -m scripts.{stage}_eval --source {source}" if source else f"python -m scripts.{name}"
+            out.append(f"- **stale**: {len(changed)} of the files it was computed from changed since (e.g. "
+                       f"{changed[0]}); run `{rerun}` again")
         if section.get("seconds") is not None:
             out.append(f"- time: {section['seconds']:.1f} s")
         for key, value in section.items():

@@ -2,7 +2,14 @@
 
 import pytest
 
-from nanochat.report import file_fingerprints, previous_result, read_sections, results_table, write_section
+from nanochat.report import (
+    file_fingerprints,
+    previous_result,
+    read_sections,
+    render_markdown,
+    results_table,
+    write_section,
+)
 from scripts.report import ReportConfig, main
 
 
@@ -80,3 +87,17 @@ def test_broken_section_is_a_usage_error_naming_the_file(tmp_path, monkeypatch, 
     assert err.startswith(f"error: {tmp_path / 'report' / 'base_train.json'} is not a readable report section")
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "report" / "report.md").exists()
+
+
+def test_report_marks_an_evaluation_whose_checkpoint_changed_since(tmp_path):
+    weights = tmp_path / "model_000010.pt"
+    weights.write_bytes(b"weights")
+    inputs = {"settings": {}, "files": file_fingerprints([weights])}
+    write_section("chat_eval_sft", {"phase": "SFT", "metrics": {"GSM8K": 0.5}, "inputs": inputs}, root=tmp_path)
+    write_section("base_eval", {"phase": "BASE", "metrics": {"CORE": 0.1}, "inputs": inputs}, root=tmp_path)
+    assert "stale" not in render_markdown(read_sections(tmp_path), {}, [])
+    weights.write_bytes(b"retrained weights")
+    report = render_markdown(read_sections(tmp_path), {}, [])
+    assert report.count("**stale**") == 2
+    assert f"(e.g. {weights}); run `python -m scripts.chat_eval --source sft` again" in report
+    assert "run `python -m scripts.base_eval` again" in report
