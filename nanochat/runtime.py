@@ -136,10 +136,15 @@ def print0(runtime: Runtime, *args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def launched_as_rank0() -> bool:
+    """Whether this process is rank 0 by torchrun's RANK (or was not started by torchrun); usable before
+    `setup_runtime` and inside signal handlers."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def print0_before_setup(*args, **kwargs) -> None:
-    """`print0` for a stage that ends before `setup_runtime`: reads torchrun's RANK itself, so the line appears
-    once under torchrun too."""
-    if os.environ.get("RANK", "0") == "0":
+    """`print0` for a stage that ends before `setup_runtime`, so the line appears once under torchrun too."""
+    if launched_as_rank0():
         print(*args, **kwargs, flush=True)
 
 

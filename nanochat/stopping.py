@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from nanochat.configargs import EXIT_RESUMABLE
 from nanochat.host_value import HostValue
-from nanochat.runtime import Runtime, print0
+from nanochat.runtime import Runtime, launched_as_rank0, print0
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 INTERRUPT_NOTE = (f"\nCtrl-C: saving a checkpoint at the end of this step, then exiting {EXIT_RESUMABLE} (run the "
@@ -50,7 +50,7 @@ class StopRequest:
 
     def _handle_interrupt(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
-        if os.environ.get("RANK", "0") == "0":
+        if launched_as_rank0():
             os.write(2, INTERRUPT_NOTE)
         self._handle(signum, frame)
 

@@ -59,6 +59,16 @@ ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 
 
 
+def is_utf8(text: str) -> bool:
+    """False for a str the tokenizer cannot take: one read from bytes that are not UTF-8 (Python keeps them
+    as lone surrogates) or holding half of a UTF-16 pair."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _byte_level_alphabet() -> dict[str, int]:
     """Character -> byte of the byte-level alphabet: printable Latin-1 bytes stand for themselves, the
     other 68 bytes (controls, space, NBSP, soft hyphen) take the characters from U+0100 on, in byte order."""

@@ -23,6 +23,7 @@ from nanochat.configargs import EXIT_INTERRUPTED, EXIT_OK, UsageError, require, 
 from nanochat.engine import Engine, TextStream
 from nanochat.model_loading import load_model
 from nanochat.runtime import setup_runtime
+from nanochat.tokenizer import is_utf8
 
 # The chat CLI's source names and the checkpoint phases they read.
 SOURCE_PHASES = {"base": "base", "mid": "mid", "sft": "chatsft", "rl": "chatrl"}
@@ -54,14 +55,6 @@ class ChatCliConfig:
         require(self.prompt is None or is_utf8(self.prompt),
                 "--prompt is not valid UTF-8 text; set the terminal's encoding to UTF-8")
 
-
-def is_utf8(text: str) -> bool:
-    """False for text read from bytes that are not UTF-8 (Python keeps those bytes as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def stream_answer(engine: Engine, prompt_ids: list[int], config: ChatCliConfig,

@@ -38,6 +38,7 @@ from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
 from nanochat.engine import Engine, TextStream
 from nanochat.model_loading import load_model
 from nanochat.runtime import print0, setup_runtime
+from nanochat.tokenizer import is_utf8
 
 SOURCE_PHASES = {"base": "base", "mid": "mid", "sft": "chatsft", "rl": "chatrl"}
 ROLES = ("user", "assistant")
@@ -118,11 +119,8 @@ def parse_chat_request(raw: bytes, limits: ChatLimits, defaults: SamplingDefault
         if role != expected:
             raise BadRequest(f"message {i} should be from the {expected}: messages alternate user/assistant, "
                              "starting with the user")
-        try:
-            message["content"].encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRequest(f"message {i} contains a lone surrogate (half of a UTF-16 pair), which is not "
-                             "text") from None
+        if not is_utf8(message["content"]):
+            raise BadRequest(f"message {i} contains a lone surrogate (half of a UTF-16 pair), which is not text")
         length = len(message["content"])
         if length > limits.max_message_chars:
             raise BadRequest(f"message {i} is {length} characters; the limit is {limits.max_message_chars}")
