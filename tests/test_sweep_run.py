@@ -204,3 +204,51 @@ def test_runs_that_end_without_a_record_leave_the_sweep_unfinished(tmp_path):
 @pytest.mark.slow
 def test_twenty_candidate_sweep_killed_halfway_and_resumed(tiny_cache, tmp_path):
     check_killed_and_resumed(tiny_cache, tmp_path, candidates=20, steps=15, kill_at=8)
+
+
+class FailsFirstAttempts(SweepExecutor):
+    """Candidate runs that fail (a node's out-of-memory, a crash) until attempt `succeeds_at`."""
+
+    def __init__(self, succeeds_at: int):
+        self.succeeds_at = succeeds_at
+        self.seen: list[tuple[str, int]] = []
+
+    def run(self, tasks, on_event):
+        for task in tasks:
+            self.seen.append((task.candidate_id, task.attempt))
+            if task.attempt >= self.succeeds_at:
+                event = {"event": "evaluated", **task.base_event(), "metrics": {"val_bpb": 2.5, "wall_seconds": 1.0}}
+            else:
+                event = {"event": "failed", **task.base_event(), "exit_status": 1, "wall_seconds": 1.0,
+                         "log_tail": ["CUDA out of memory"]}
+            append_event(task.trajectory, event)
+            on_event(event)
+
+
+def test_failed_runs_are_skipped_on_resume_unless_retried(tmp_path):
+    out = tmp_path / "t.jsonl"
+    config = SimpleNamespace(site=SimpleNamespace(cache_dir=tmp_path / "cache"), stage_env={})
+    plan = campaign.SweepPlan(1, config, out, tmp_path / "sweeps", 3, 512, {}, {"event": "header", "phase": 1})
+
+    def sweep_with(executor, retry_failed):
+        sweep = campaign.Sweep(plan, executor, out=io.StringIO(), retry_failed=retry_failed)
+        sweep.open()
+        sweep.run_tasks([sweep.task(Candidate({"matrix_lr": 0.01}), 3)])
+        sweep.finish(campaign.now())
+        return sweep
+
+    executor = FailsFirstAttempts(succeeds_at=3)
+    sweep_with(executor, retry_failed=False)
+    sweep_with(executor, retry_failed=False)
+    assert [attempt for _, attempt in executor.seen] == [1]
+    sweep_with(executor, retry_failed=True)
+    sweep = sweep_with(executor, retry_failed=True)
+    assert [attempt for _, attempt in executor.seen] == [1, 2, 3]
+    assert [e["attempt"] for e in records(out)] == [1, 2, 3]
+    assert [e["event"] for e in records(out)] == ["failed", "failed", "evaluated"]
+    summaries = [e["summary"] for e in read_events(out) if e["event"] == "finished"]
+    assert [(s["evaluated"], s["failed"]) for s in summaries] == [(0, 1), (0, 1), (1, 0)]
+    assert summaries[-1]["device_seconds"] == 3.0
+    assert sweep.results(3)[executor.seen[0][0]]["event"] == "evaluated"
+    sweep_with(executor, retry_failed=True)
+    assert len(executor.seen) == 3 and len(summaries) == 3

@@ -114,3 +114,18 @@ def test_cost_arithmetic_and_ranking(tmp_path):
     assert "boom" in text and "constraint x" in text and "3.00" in text
     assert {p.suffix for p in written} == {".md", ".png"} and all(p.stat().st_size > 0 for p in written)
     assert "| 1 | a |" in ranked_table([events[2]])
+
+
+def test_a_failure_superseded_by_a_retry_is_not_reported_as_failed(tmp_path):
+    failure = {"event": "failed", "phase": 1, "id": "dd", "knobs": {}, "steps": 10, "exit_status": 1,
+               "wall_seconds": 900, "devices": 1, "log_tail": ["Traceback", "boom"], "attempt": 1}
+    events = [{"event": "header", "phase": 1, "site": "cpu", "strategy": "random", "steps": 10}, failure,
+              {**evaluated("dd", 1.5, wall=900), "attempt": 2}]
+    path = tmp_path / "t.jsonl"
+    for event in events:
+        assert append_event(path, event)
+    assert not append_event(path, failure)
+    assert append_event(path, {**failure, "attempt": 2})
+    text, _ = write_report(events, path, 2.0, None)
+    assert "boom" not in text and "0 failed" in text and "| 1 | dd |" in text
+    assert device_hours(events) == pytest.approx(0.5)

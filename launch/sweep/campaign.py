@@ -6,7 +6,8 @@ own validation, then run for `--steps` (successive halving: rung by rung). Phase
 largest budget) again for `--steps`, flagged when they diverge late or end worse than in phase 1.
 
 Resuming is rerunning the same command: the trajectory's header must match, the torn tail of a killed
-write is cut off, and every candidate already evaluated, rejected or failed is skipped.
+write is cut off, and every candidate already evaluated, rejected or failed is skipped; with
+`retry_failed` the failed ones run again (attempt 2, 3, ...) and their new record supersedes the failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from launch.sweep.candidates import Candidate, order_by_shape, rejection_reason
 from launch.sweep.executors import SweepExecutor
 from launch.sweep.menu import Menu
 from launch.sweep.strategies import halving_budgets, initial_candidates, survivors
-from launch.sweep.trajectory import append_event, check_is_trajectory, read_events, record_key, repair
+from launch.sweep.trajectory import (
+    append_event,
+    check_is_trajectory,
+    failed_attempts,
+    read_events,
+    repair,
+    run_key,
+    run_outcomes,
+)
 from launch.sweep.worker import CandidateTask
 from nanochat import paths
 from nanochat.configargs import UsageError
@@ -110,10 +119,11 @@ class RunsMissing(RuntimeError):
 class Sweep:
     """Runs a plan against its trajectory file (the caller holds the SweepLock)."""
 
-    def __init__(self, plan: SweepPlan, executor: SweepExecutor, out=sys.stderr):
+    def __init__(self, plan: SweepPlan, executor: SweepExecutor, out=sys.stderr, retry_failed: bool = False):
         self.plan = plan
         self.executor = executor
         self.out = out
+        self.retry_failed = retry_failed
         self.written = 0
 
     def say(self, text: str) -> None:
@@ -133,7 +143,7 @@ class Sweep:
             if differs:
                 raise UsageError(f"{self.plan.out} holds a phase-{self.plan.phase} sweep with different "
                                  f"{', '.join(differs)}; rerun it with its own settings or pass another --out")
-            done = sum(1 for e in events if record_key(e) and e.get("phase") == self.plan.phase)
+            done = sum(1 for key in run_outcomes(events) if key[0] == self.plan.phase)
             self.say(f"resuming {self.plan.out}: {done} candidate records already there")
         else:
             self.record(self.plan.header)
@@ -168,34 +178,45 @@ class Sweep:
                              dict(plan.config.stage_env), extra or {})
 
     def run_tasks(self, tasks: Sequence[CandidateTask]) -> None:
-        recorded = {record_key(e) for e in read_events(self.plan.out)}
-        todo = [t for t in tasks if (t.phase, t.candidate_id, t.steps) not in recorded]
+        events = read_events(self.plan.out)
+        outcomes = run_outcomes(events)
+        todo = []
+        for task in tasks:
+            if task.run_key not in outcomes:
+                todo.append(task)
+            elif self.retry_failed and outcomes[task.run_key]["event"] == "failed":
+                todo.append(replace(task, attempt=failed_attempts(events, task.run_key) + 1))
         if len(todo) < len(tasks):
             self.say(f"{len(tasks) - len(todo)} of {len(tasks)} runs already recorded; running {len(todo)}")
+        retried = sum(task.attempt > 1 for task in todo)
+        if retried:
+            self.say(f"retrying {retried} failed run{'s' if retried > 1 else ''}")
         self.executor.run(todo, self.announce)
-        recorded = {record_key(e) for e in read_events(self.plan.out)}
-        missing = [t.candidate_id for t in todo if (t.phase, t.candidate_id, t.steps) not in recorded]
+        outcomes = run_outcomes(read_events(self.plan.out))
+        missing = [t.candidate_id for t in todo
+                   if t.run_key not in outcomes or outcomes[t.run_key].get("attempt", 1) < t.attempt]
         if missing:
             raise RunsMissing(f"{len(missing)} of {len(todo)} runs ended without a record ({', '.join(missing)}); "
                               "see their logs, then rerun the same command to run them")
 
     def results(self, steps: int) -> dict[str, dict[str, Any]]:
         """This phase's records at `steps` (evaluated and failed), by candidate id."""
-        return {e["id"]: e for e in read_events(self.plan.out)
-                if e.get("event") in ("evaluated", "failed") and e.get("phase") == self.plan.phase
-                and e.get("steps") == steps}
+        return {key[1]: e for key, e in run_outcomes(read_events(self.plan.out)).items()
+                if key[0] == self.plan.phase and key[2] == steps}
 
     def finish(self, started: datetime.datetime) -> None:
         events = [e for e in read_events(self.plan.out) if e.get("phase") == self.plan.phase]
-        if any(e.get("event") == "finished" for e in events):
+        last_record = max((i for i, e in enumerate(events) if run_key(e)), default=-1)
+        if any(e.get("event") == "finished" for e in events[last_record + 1:]):
             return
-        evaluated = [e for e in events if e.get("event") == "evaluated"]
+        outcomes = list(run_outcomes(events).values())
+        evaluated = [e for e in outcomes if e.get("event") == "evaluated"]
         ok = [e for e in evaluated if not e["metrics"].get("diverged") and e["metrics"].get("val_bpb") is not None]
         best = min(ok, key=lambda e: (-e["steps"], e["metrics"]["val_bpb"]), default=None)
         summary = {
             "evaluated": len(evaluated), "diverged": len(evaluated) - len(ok),
-            "rejected": sum(e.get("event") == "rejected" for e in events),
-            "failed": sum(e.get("event") == "failed" for e in events),
+            "rejected": sum(e.get("event") == "rejected" for e in outcomes),
+            "failed": sum(e.get("event") == "failed" for e in outcomes),
             "device_seconds": round(sum((e.get("metrics") or e).get("wall_seconds", 0.0)
                                         for e in events if e.get("event") in ("evaluated", "failed")), 1),
             "best": {"id": best["id"], "val_bpb": best["metrics"]["val_bpb"], "knobs": best["knobs"]} if best else None,

@@ -47,6 +47,8 @@ def build_sweep_parser(sites: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="trajectory file (default trajectory.jsonl; phase 2: --from)")
     parser.add_argument("--finalists", type=int, help="phase 2: rerun the best K phase-1 candidates")
     parser.add_argument("--from", dest="source", type=Path, help="phase 2: the phase-1 trajectory")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run the candidates recorded as failed again (a resume skips them otherwise)")
     parser.add_argument("--executor", choices=("local", "slurm"), help="default: the site's")
     parser.add_argument("--max-parallel", type=int, default=4, help="SLURM: array tasks at a time (default 4)")
     parser.add_argument("--sweep-dir", type=Path, help="candidate folders (default <cache>/sweeps/<out>-<hash>)")
@@ -146,7 +148,7 @@ def _sweep(args, sites, repo_root: Path, environ, probe, which) -> int:
     from launch.sweep.worker import StoppedBySignal
 
     with SweepLock(out):
-        sweep = campaign.Sweep(plan, executor)
+        sweep = campaign.Sweep(plan, executor, retry_failed=args.retry_failed)
         sweep.open()
         try:
             if phase == 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.sweep.campaign import phase1_ranking
+from launch.sweep.trajectory import run_outcomes
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def render(events: Sequence[dict[str, Any]], price: float | None, target_tokens:
                  and (e["metrics"].get("diverged") or e["metrics"].get("val_bpb") is None)]
     phase2 = phase2_ranking(events)
     rejected = [e for e in events if e.get("event") == "rejected"]
-    failed = [e for e in events if e.get("event") == "failed"]
+    failed = [e for e in run_outcomes(events).values() if e.get("event") == "failed"]
     header = next((e for e in events if e.get("event") == "header" and e.get("phase") == 1), {})
     winners = [e for e in phase2 if not e["metrics"].get("diverged") and e["metrics"].get("val_bpb") is not None]
     winner = (winners or phase1 or [None])[0]

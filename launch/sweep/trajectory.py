@@ -2,7 +2,8 @@
 
 Events: `header` (what the sweep is), `evaluated` (a candidate's metrics), `rejected` (knobs and the reason
 it never ran), `failed` (exit status and the last log lines), `finished` (a summary). Every event carries
-`phase` (1: the proxy sweep, 2: the finalists' stress test).
+`phase` (1: the proxy sweep, 2: the finalists' stress test). Runs carry `attempt` (1 unless a failed run
+was retried with `--retry-failed`); a run's outcome is its latest record (`run_outcomes`).
 
 Two locks. The sweep holds an exclusive `flock` on `<file>.lock` for its whole life, so a second sweep on
 the same file is refused (`SweepLock`). Every writer (the sweep, or a SLURM array task on a compute node)
@@ -27,12 +28,29 @@ from nanochat.configargs import UsageError
 RECORD_EVENTS = ("evaluated", "rejected", "failed")
 
 
-def record_key(event: dict[str, Any]) -> tuple | None:
-    """What makes a record unique: the candidate, its phase and, for runs, its step budget."""
+def run_key(event: dict[str, Any]) -> tuple | None:
+    """Which run a record is about: the candidate, its phase and, for runs, its step budget."""
     if event.get("event") not in RECORD_EVENTS:
         return None
     steps = None if event["event"] == "rejected" else event.get("steps")
     return (event.get("phase", 1), event["id"], steps)
+
+
+def record_key(event: dict[str, Any]) -> tuple | None:
+    """What makes a record unique: its run and, for a failure, the attempt (a retry may fail again)."""
+    key = run_key(event)
+    if key is None or event["event"] != "failed":
+        return key
+    return (*key, event.get("attempt", 1))
+
+
+def run_outcomes(events: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Each run's latest record, by `run_key`: a retried run's later record supersedes its failure."""
+    return {key: e for e in events if (key := run_key(e)) is not None}
+
+
+def failed_attempts(events: list[dict[str, Any]], key: tuple) -> int:
+    return sum(1 for e in events if e.get("event") == "failed" and run_key(e) == key)
 
 
 def parse_lines(data: bytes) -> list[dict[str, Any]]:

@@ -54,14 +54,20 @@ class CandidateTask:
     trajectory: Path
     environment: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the event (rung, phase-1 result, ...)
+    attempt: int = 1  # 2, 3, ... when `--retry-failed` runs a failed candidate again
 
     @property
     def run_dir(self) -> Path:
         return self.sweep_dir / f"{self.candidate_id}-p{self.phase}-s{self.steps}"
 
+    @property
+    def run_key(self) -> tuple:
+        """The trajectory's key for this run (`launch.sweep.trajectory.run_key`)."""
+        return (self.phase, self.candidate_id, self.steps)
+
     def base_event(self) -> dict[str, Any]:
         return {"phase": self.phase, "id": self.candidate_id, "knobs": self.knobs, "steps": self.steps,
-                **self.extra}
+                "attempt": self.attempt, **self.extra}
 
 
 def loss_spike(loss_history: list[list[float]], total_steps: int) -> str | None:
