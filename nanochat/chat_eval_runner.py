@@ -58,6 +58,10 @@ class DemoFacts:
         self.conversations = SmolTalk("test", root=root)
 
     @property
+    def source(self):
+        return self.conversations.source
+
+    @property
     def rows(self):
         return self.conversations.rows
 

@@ -76,7 +76,9 @@ def main(config: ChatEvalConfig) -> int:
     tasks = {name: build_task(name, root) for name in names}
     require_available(tasks.values())
     stage = f"chat_eval_{config.source}"
-    inputs = evaluation_inputs(config, model_files(directory, step, root), tasks=names,
+    task_files = [path for task in tasks.values() for path in task.source.files()]
+    inputs = evaluation_inputs(config, [*model_files(directory, step, root), *task_files],
+                               tasks={name: task.source.description for name, task in tasks.items()},
                                checkpoint=f"{phase} {tag} step {step}")
     if not config.force and already_evaluated(stage, inputs, f"{phase} {tag} step {step} with these settings", root):
         return EXIT_OK

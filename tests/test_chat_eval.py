@@ -210,6 +210,11 @@ def test_chat_eval_stage_end_to_end(sft_cache):
                       "--device-type", "cpu", cache=sft_cache)
     assert "nothing to do" not in other.stdout
     assert "/2 correct" in json.loads((sft_cache / "report" / "chat_eval_sft.json").read_text())["tasks"][0]
+    demo_facts = sft_cache / "tasks" / "smoltalk_test.jsonl"
+    demo_facts.write_text(demo_facts.read_text())  # the demo corpus written again: the questions may differ
+    rewritten = run_stage("chat_eval", "--source", "sft", "--max-per-task", "2", "--max-new-tokens", "8",
+                          "--device-type", "cpu", cache=sft_cache)
+    assert "nothing to do" not in rewritten.stdout
 
 
 def test_chat_eval_rejects_bad_task_lists(sft_cache):

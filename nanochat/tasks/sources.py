@@ -45,6 +45,11 @@ class RowSource(ABC):
     @abstractmethod
     def load(self) -> Rows: ...
 
+    def files(self) -> list[Path]:
+        """The local files the rows are read from (for fingerprints of what an evaluation measured); a hub
+        dataset has none: its name, config and split identify it."""
+        return []
+
 
 @dataclass(frozen=True)
 class JsonlFile(RowSource):
@@ -56,6 +61,9 @@ class JsonlFile(RowSource):
     @property
     def description(self) -> str:
         return str(self.path)
+
+    def files(self) -> list[Path]:
+        return [Path(self.path)]
 
     def load(self) -> Rows:
         if not Path(self.path).is_file():
@@ -118,6 +126,9 @@ class LocalDataFiles(RowSource):
     @property
     def description(self) -> str:
         return ", ".join(self.data_files)
+
+    def files(self) -> list[Path]:
+        return [Path(f) for f in self.data_files]
 
     def load(self) -> Rows:
         from datasets import load_dataset
