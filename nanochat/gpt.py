@@ -131,17 +131,23 @@ def rotary_tables(positions: int, head_dim: int, device=None) -> tuple[torch.Ten
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by the angles of its positions; cos/sin are (T, D/2)."""
+    """Rotate x (B, T, H, D) by the angles of its positions; cos/sin are (T, D/2), or (B, T, D/2) when the
+    rows sit at different positions."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def attention_mask(num_queries: int, num_keys: int, window: int | None, device) -> torch.Tensor:
-    """Boolean (num_queries, num_keys) mask, True = attend. The queries are the last num_queries keys."""
-    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
-    key_pos = torch.arange(num_keys, device=device)[None, :]
+def attention_mask(num_queries: int, num_keys: int, window: int | None, device,
+                   query_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (num_queries, num_keys) mask, True = attend. The queries are the last num_queries keys, or,
+    given their positions per row (B, num_queries), anywhere: the mask is then (B, 1, num_queries, num_keys)."""
+    if query_positions is None:
+        query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    else:
+        query_pos = query_positions[:, None, :, None]
+    key_pos = torch.arange(num_keys, device=device)
     distance = query_pos - key_pos
     mask = distance >= 0
     if window is not None:
@@ -150,17 +156,21 @@ def attention_mask(num_queries: int, num_keys: int, window: int | None, device) 
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-              kernel=None) -> torch.Tensor:
+              kernel=None, query_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (optionally sliding-window) attention; q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D).
 
-    The queries are the last Tq of the Tk key positions (Tq == Tk in training, Tq < Tk with a KV cache).
+    The queries are the last Tq of the Tk key positions (Tq == Tk in training, Tq < Tk with a KV cache),
+    or, for rows at different positions, at `query_positions` (B, Tq) (keys are at positions 0..Tk-1).
     Hq may be a multiple of Hkv (grouped-query attention). `kernel`: a sliding-window kernel for this
     window (`nanochat.attention_kernels.window_kernel`), used when it accepts these tensors.
     """
     num_queries, num_keys = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    if query_positions is not None:
+        mask = attention_mask(num_queries, num_keys, window, q.device, query_positions)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if kernel is not None and kernel.accepts(q, k):
         return kernel(q, k, v)
-    gqa = q.size(1) != k.size(1)
     sees_all_keys = window is None or window >= num_keys - 1
     if sees_all_keys and num_queries == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -195,9 +205,12 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(norm(q), cos, sin).transpose(1, 2)
         k = apply_rotary(norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        if kv_cache is not None:
+        if kv_cache is None:
+            y = attention(q, k, v, self.window, self.window_kernel)
+        else:
+            positions = kv_cache.query_positions(tokens)
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        y = attention(q, k, v, self.window, None if kv_cache is not None else self.window_kernel)
+            y = attention(q, k, v, self.window, query_positions=positions)
         return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -340,12 +353,17 @@ class GPT(nn.Module):
                 loss_reduction: str = "mean") -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T), the cross-entropy loss (ignore_index=-1; reduction
         "mean", "sum" or "none", the last shaped (B, T)); without, float32 logits (B, T, vocab_size).
-        With a kv_cache, idx are the tokens at positions kv_cache.pos.. and their K/V are appended."""
+        With a kv_cache, idx are the tokens at positions kv_cache.pos.. (or at each row's own position, see
+        `KVCache.prefill_rows`) and their K/V are appended."""
         _, tokens = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + tokens > self.rotary_len:
             raise ValueError(f"position {start + tokens} exceeds the rotary table ({self.rotary_len} positions)")
-        cos, sin = self.cos[start:start + tokens], self.sin[start:start + tokens]
+        positions = kv_cache.query_positions(tokens) if kv_cache is not None else None
+        if positions is None:
+            cos, sin = self.cos[start:start + tokens], self.sin[start:start + tokens]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
         x = norm(self.transformer.wte(idx))
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # a bf16 residual stream: the norms and residual adds save half the activations and bytes

@@ -235,6 +235,49 @@ def test_kv_cache_prefill_from_batch_one_into_batch_n():
             assert torch.equal(tokens[row:row + 1], expected)
 
 
+@pytest.mark.parametrize("pattern,n_kv_head", [("L", 4), ("SSL", 2)])
+def test_kv_cache_rows_at_different_positions_match_each_prompt_alone(pattern, n_kv_head):
+    """Prompts of 3, 9 and 6 tokens, two rows each, then fed tokens (a 2-token chunk, then single tokens)
+    that differ per row: every row's logits equal its own sequence run alone, through the short window."""
+    model = random_model(tiny_config(n_layer=3, window_pattern=pattern, n_kv_head=n_kv_head, short_window=4))
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=generator) for n in (3, 9, 6)]
+    fed = torch.randint(0, VOCAB, (6, 12), generator=generator)
+    with torch.no_grad():
+        prefixes = []
+        for prompt in prompts:
+            prefixes.append(make_cache(model, 1, prompt.size(1)))
+            model(prompt, kv_cache=prefixes[-1])
+        batch = make_cache(model, 6, 9 + 12)
+        batch.prefill_rows(prefixes, 2)
+        assert batch.pos == 9 and batch.positions.tolist() == [3, 3, 9, 9, 6, 6]
+        got = [model(fed[:, :2], kv_cache=batch)[:, -1]]
+        got += [model(fed[:, t:t + 1], kv_cache=batch)[:, -1] for t in range(2, 12)]
+        assert batch.pos == 21 and batch.positions.tolist() == [15, 15, 21, 21, 18, 18]
+        for row in range(6):
+            sequence = torch.cat([prompts[row // 2][0], fed[row]])
+            start = len(prompts[row // 2][0])
+            alone = model(sequence[None])[0]
+            for t, logits in zip([1, *range(2, 12)], got):
+                torch.testing.assert_close(logits[row], alone[start + t], atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_prefill_rows_of_equal_lengths_keeps_one_position():
+    prefixes = [KVCache(1, 2, 4, 5, 2) for _ in range(3)]
+    for prefix in prefixes:
+        prefix.pos = 5
+    cache = KVCache(6, 2, 4, 8, 2)
+    cache.prefill_rows(prefixes, 2)
+    assert cache.pos == 5 and cache.positions is None and cache.query_positions(1) is None
+    with pytest.raises(ValueError, match="fills 6 rows"):
+        cache.prefill_rows(prefixes, 1)
+    prefixes[1].pos = 3
+    cache.prefill_rows(prefixes, 2)
+    assert cache.query_positions(2).tolist() == [[5, 6], [5, 6], [3, 4], [3, 4], [5, 6], [5, 6]]
+    cache.reset()
+    assert cache.pos == 0 and cache.positions is None
+
+
 def test_kv_cache_errors_and_reset():
     cache = KVCache(1, 2, 4, max_len=5, num_layers=2)
     k = torch.zeros(1, 2, 4, 4)
