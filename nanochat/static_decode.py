@@ -5,11 +5,13 @@ launches several hundred small kernels from Python. `StaticDecoder` computes the
 that never change, so the whole step can be captured once as a CUDA graph and replayed per token:
 
 - keys and values live in one preallocated cache (layers, 2, batch, kv_heads, max_len, head_dim); the step
-  writes the new token's K and V at `pos` with one `index_copy_`, where `pos` is a one-element device tensor;
-- attention covers all `max_len` cached positions under an additive mask built on the device from `pos`
-  (keys after `pos`, and for sliding-window layers keys more than `window` back, get -inf); the grouped
-  queries of one KV head are folded into SDPA's query axis, so GQA needs no copy of the keys;
-- the rotary angles of `pos` are gathered from the model's tables with `index_select`;
+  writes each row's new K and V at that row's position with one `scatter_`, where `pos` is a (batch,)
+  device tensor: the rows may sit at different positions (prompts of different lengths decoded together);
+- attention covers all `max_len` cached positions under an additive mask built on the device from `pos`,
+  per row (keys after the row's position, and for sliding-window layers keys more than `window` back, get
+  -inf); the grouped queries of one KV head are folded into SDPA's query axis, so GQA needs no copy of the
+  keys;
+- each row's rotary angles are gathered from the model's tables with `index_select`;
 - the query, key and value projections run as one matrix product over a fused copy of their weights
   (`qkv_weight`, refreshed whenever a projection weight changes in place: see `step`).
 
@@ -25,8 +27,9 @@ matrix products and the residual stream in `dtype`), except attention: a masked 
 instead of an unmasked one over the filled part, which rounds differently in bf16.
 
 Use: `decoder = StaticDecoder(model, batch_size, max_len)`, optionally `decoder.capture()` (CUDA only),
-`decoder.load_prefix(prompt_cache)` with a filled `KVCache`, then `logits = decoder.step(ids, position)`
-per token. The returned logits tensor is reused by the next step.
+`decoder.load_prefix(prompt_cache)` with a filled `KVCache` (or `load_prefix(cache, rows)` per prompt, to
+decode several prompts together), then `logits = decoder.step(ids, position)` per token, with one position
+for every row or a tensor of per-row positions. The returned logits tensor is reused by the next step.
 """
 
 from __future__ import annotations
@@ -74,21 +77,23 @@ def _embed(ids: torch.Tensor, wte: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def _rotary_rows(cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor):
-    """cos and sin rows of `pos` laid out for `_attention_inputs`: x * [cos, cos] + roll(x) * [sin, -sin]."""
+    """cos and sin (batch, 1, head_dim) of each row's position, laid out for `_attention_inputs`:
+    x * [cos, cos] + roll(x) * [sin, -sin]."""
     cos = cos_table.index_select(0, pos)
     sin = sin_table.index_select(0, pos)
-    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+    return torch.cat([cos, cos], dim=-1).unsqueeze(1), torch.cat([sin, -sin], dim=-1).unsqueeze(1)
 
 
 def _attention_masks(pos: torch.Tensor, key_positions: torch.Tensor, windows: tuple, zero: torch.Tensor,
                      minus_inf: torch.Tensor) -> list[torch.Tensor]:
-    """Additive masks (1, 1, 1, max_len) for the query at `pos`, one per entry of `windows` (None = full)."""
-    distance = pos - key_positions
+    """Additive masks (batch, 1, 1, max_len) for each row's query at its position `pos`, one per entry of
+    `windows` (None = full)."""
+    distance = pos[:, None] - key_positions
     causal = distance >= 0
     masks = []
     for window in windows:
         visible = causal if window is None else causal & (distance <= window)
-        masks.append(torch.where(visible, zero, minus_inf).view(1, 1, 1, -1))
+        masks.append(torch.where(visible, zero, minus_inf)[:, None, None, :])
     return masks
 
 
@@ -149,7 +154,10 @@ class StaticDecoder:
         self._qkv_versions: tuple[int, ...] | None = None
         self.sync_weights()
         self.ids = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.pos = torch.zeros(1, device=device, dtype=torch.long)
+        self.pos = torch.zeros(batch_size, device=device, dtype=torch.long)
+        # where each row's new K and V go: a view of `pos`, so it follows every update of it
+        self._write_index = self.pos.view(1, batch_size, 1, 1, 1).expand(2, batch_size, config.n_kv_head, 1,
+                                                                         config.head_dim)
         self.key_positions = torch.arange(max_len, device=device)
         self._zero = torch.zeros((), device=device, dtype=self.dtype)
         self._minus_inf = torch.full((), float("-inf"), device=device, dtype=self.dtype)
@@ -212,11 +220,22 @@ class StaticDecoder:
                 x, x0, model.resid_lambdas[i], model.x0_lambdas[i], self.qkv_weight[i], cos_full, sin_full,
                 config.n_head, config.n_kv_head, config.head_dim)
             cache = self.kv[i]
-            cache.index_copy_(3, self.pos, new_kv)
+            cache.scatter_(3, self._write_index, new_kv)
             y = F.scaled_dot_product_attention(queries, cache[0], cache[1], attn_mask=masks[self._layer_mask[i]])
             x = self._block_output(x, y, self._weight(block.attn.c_proj.weight), self._weight(block.mlp.c_fc.weight),
                                    self._weight(block.mlp.c_proj.weight))
         return self._logits(x, self._weight(model.lm_head.weight), config.logit_softcap)
+
+    def _check_position(self, position: int | torch.Tensor) -> None:
+        if isinstance(position, torch.Tensor):
+            if position.shape != (self.batch_size,) or position.dtype != torch.long:
+                raise ValueError(f"per-row positions must be a long tensor of shape ({self.batch_size},), got "
+                                 f"{position.dtype} {tuple(position.shape)}")
+        elif not 0 <= position < self.max_len:
+            raise ValueError(f"position {position} is outside this decoder's cache of {self.max_len} positions; "
+                             "build the StaticDecoder with a larger max_len")
+        elif position >= self.model.rotary_len:
+            raise ValueError(f"position {position} exceeds the rotary table ({self.model.rotary_len} positions)")
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -239,37 +258,44 @@ class StaticDecoder:
         self._graph, self._graph_logits = graph, logits
 
     @torch.inference_mode()
-    def load_prefix(self, cache: KVCache) -> int:
-        """Copy a filled cache (batch 1 or `batch_size`) into positions 0..cache.pos; returns cache.pos."""
+    def load_prefix(self, cache: KVCache, rows: slice = slice(None)) -> int:
+        """Copy a filled cache (batch 1 or as many rows as it fills) into positions 0..cache.pos of `rows`
+        (default: all); returns cache.pos."""
         config = self.model.config
         if (cache.num_layers, cache.num_heads, cache.head_dim) != (config.n_layer, config.n_kv_head, config.head_dim):
             raise ValueError("load_prefix needs a KVCache with the model's num_layers, n_kv_head and head_dim")
-        if cache.batch_size not in (1, self.batch_size):
-            raise ValueError(f"load_prefix copies a batch of 1 or {self.batch_size}, got {cache.batch_size}")
+        filled = len(range(self.batch_size)[rows])
+        if cache.positions is not None:
+            raise ValueError("load_prefix copies a cache whose rows sit at one position")
+        if cache.batch_size not in (1, filled):
+            raise ValueError(f"load_prefix copies a cache of batch 1 or {filled} (the rows it fills), got batch "
+                             f"{cache.batch_size}")
         if cache.pos > self.max_len:
             raise ValueError(f"the cache holds {cache.pos} positions, more than this decoder's {self.max_len}")
-        self.kv[:, 0, :, :, :cache.pos].copy_(cache.k[:, :, :, :cache.pos])
-        self.kv[:, 1, :, :, :cache.pos].copy_(cache.v[:, :, :, :cache.pos])
+        self.kv[:, 0, rows, :, :cache.pos].copy_(cache.k[:, :, :, :cache.pos])
+        self.kv[:, 1, rows, :, :cache.pos].copy_(cache.v[:, :, :, :cache.pos])
         return cache.pos
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor | list[int], position: int) -> torch.Tensor:
+    def step(self, ids: torch.Tensor | list[int], position: int | torch.Tensor) -> torch.Tensor:
         """Float32 logits (batch, vocab) for `ids` (one token per row) at `position`; K/V stored there.
 
-        Positions 0..position-1 must already be filled (by `load_prefix` or earlier steps). Query, key or
-        value weights updated in place since the last step are copied into `qkv_weight` first.
+        `position` is one int for every row, or a (batch,) long tensor on the decoder's device with each
+        row's own position; such a tensor is used as given (checking its range would wait for the device),
+        so the caller keeps it inside the cache and the rotary table. Each row's earlier positions must
+        already be filled (by `load_prefix` or earlier steps). Query, key or value weights updated in place
+        since the last step are copied into `qkv_weight` first.
         """
-        if not 0 <= position < self.max_len:
-            raise ValueError(f"position {position} is outside this decoder's cache of {self.max_len} positions; "
-                             "build the StaticDecoder with a larger max_len")
-        if position >= self.model.rotary_len:
-            raise ValueError(f"position {position} exceeds the rotary table ({self.model.rotary_len} positions)")
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.numel() != self.batch_size:
             raise ValueError(f"step takes one token per row ({self.batch_size}), got {ids.numel()}")
+        self._check_position(position)
         self.sync_weights()
         self.ids.copy_(ids.reshape(-1))
-        self.pos.fill_(position)
+        if isinstance(position, torch.Tensor):
+            self.pos.copy_(position)
+        else:
+            self.pos.fill_(position)
         if self._graph is not None:
             self._graph.replay()
             return self._graph_logits

@@ -71,6 +71,33 @@ def test_static_step_equals_recomputation_and_kv_cache(shape, batch):
     torch.testing.assert_close(static, full, **TIGHT)
 
 
+@pytest.mark.parametrize("shape", ["SL-window-3", "SSL-gqa"])
+def test_static_step_with_per_row_positions_equals_each_prompt_alone(shape):
+    """Prompts of 2, 7 and 4 tokens in rows (0, 1), (2,) and (3,), fed different tokens per row: each row's
+    logits equal its sequence run alone, and the ragged KVCache path of GPT.forward."""
+    model = random_model(**SHAPES[shape])
+    config = model.config
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (2, 7, 4)]
+    row_prompts = [0, 0, 1, 2]
+    steps = 20  # far past the windows
+    fed = torch.randint(0, VOCAB, (4, steps), generator=generator)
+    caches = [prefilled(model, prompt)[0] for prompt in prompts]
+    decoder = StaticDecoder(model, 4, max_len=32)
+    for rows, cache in zip((slice(0, 2), slice(2, 3), slice(3, 4)), caches):
+        decoder.load_prefix(cache, rows)
+    kv_cache = KVCache(4, config.n_kv_head, config.head_dim, 7 + steps, config.n_layer)
+    kv_cache.prefill_rows([caches[p] for p in row_prompts], 1)
+    starts = torch.tensor([len(prompts[p]) for p in row_prompts])
+    with torch.no_grad():
+        for t in range(steps):
+            static = decoder.step(fed[:, t], starts + t).clone()
+            torch.testing.assert_close(static, model(fed[:, t:t + 1], kv_cache=kv_cache)[:, -1], **TIGHT)
+        for row, p in enumerate(row_prompts):
+            alone = model(torch.cat([torch.tensor(prompts[p]), fed[row]])[None])[0, -1]
+            torch.testing.assert_close(static[row], alone, **TIGHT)
+
+
 def test_compiled_step_pieces_equal_the_eager_step_without_per_layer_recompiles():
     model = random_model(**SHAPES["SSL-gqa"])
     prompt = [1, 5, 7, 9, 11, 2]
@@ -115,6 +142,10 @@ def test_positions_outside_the_cache_are_refused():
         decoder.step([1], -1)
     with pytest.raises(ValueError, match="one token per row"):
         decoder.step([1, 2], 3)
+    with pytest.raises(ValueError, match=r"per-row positions must be a long tensor of shape \(1,\)"):
+        decoder.step([1], torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match=r"batch 1 or 1 \(the rows it fills\), got batch 2"):
+        decoder.load_prefix(KVCache(2, 4, 8, 4, 3))
     long_cache = KVCache(1, 4, 8, 9, 3)
     long_cache.pos = 9
     with pytest.raises(ValueError, match="more than this decoder's 8"):
