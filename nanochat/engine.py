@@ -5,8 +5,15 @@ batch 1, copies that cache into a batch of `num_samples` rows and then decodes o
 yielding `(token_column, mask_column)`. A row that writes `<|python_start|> expr <|python_end|>` gets the
 calculator's answer (`nanochat.tool_eval.evaluate`) fed back as `<|output_start|> result <|output_end|>`;
 those forced tokens have mask 0, sampled tokens mask 1. `generate_batch` collects whole answers, each cut at
-its first `<|assistant_end|>` or `<|bos|>`. `TextStream` turns a token stream into printable text without
-splitting a UTF-8 character that spans tokens.
+its first `<|assistant_end|>` or `<|bos|>`. `generate_batches(prompts, num_samples, ...)` does that for
+several prompts in one batch of len(prompts) * num_samples rows: each prompt runs through the model on its
+own at batch 1 as above, its cache fills its rows, and when the prompts differ in length every row decodes
+at its own position (`KVCache.prefill_rows`, `StaticDecoder.step` with per-row positions), so at
+temperature 0 every row writes what `generate_batch` writes for its prompt alone; evaluation and RL
+rollouts decode this way, since a decode step of many rows costs about what one of a few rows costs where
+decoding is launch-bound (GPUs, docs/benchmarks.md). `TextStream` turns a token stream into printable
+text without splitting a UTF-8 character that spans tokens. The whole batch samples from one generator,
+so seeded sampling is reproducible per call, not per prompt.
 
 `Engine(..., decode=...)` picks how the answer tokens are decoded after the prompt (the prompt itself always
 goes through the model's own forward): "dynamic" (the default) grows a `KVCache` through `model.forward`;
@@ -17,13 +24,15 @@ see docs/benchmarks.md); "auto" is "compiled-graph" for a GPT on CUDA and "dynam
 compiled-graph decoder that fails to build says so once on stderr and the engine uses "graph" from then on;
 any other static path that cannot run (not a GPT, no CUDA, capture failed) says so once and decodes
 dynamically. `warm_up()` builds the decoder ahead of the first answer (the chat CLI and web server call
-it at start). One captured decoder, for the latest (num_samples, cache length bucket), is kept and
+it at start). One captured decoder, for the latest (rows, cache length bucket), is kept and
 reused; a generate call that overlaps another one on the same engine decodes dynamically.
 `last_decode_path` names the path the latest generate call took.
 
 The model is anything shaped like `nanochat.gpt.GPT`: a `config` with `n_layer`, `n_kv_head`, `head_dim`
 and `sequence_len`, optionally a `rotary_len` (the positions its rotary tables cover), and
-`forward(idx, kv_cache=...)` returning logits (batch, tokens, vocab).
+`forward(idx, kv_cache=...)` returning logits (batch, tokens, vocab). Prompts of different lengths share a
+batch only with a GPT (its forward follows the cache's per-row positions); for any other model
+`generate_batches` decodes them one prompt at a time.
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ class _RowState:
 
 
 class Engine:
-    """Sampling from a GPT with a KV cache, for one prompt and `num_samples` answers at a time."""
+    """Sampling from a GPT with a KV cache: `num_samples` answers to one prompt, or to several at once."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, decode: str = "dynamic"):
         if decode not in DECODE_PATHS:
@@ -122,20 +131,26 @@ class Engine:
         `max_tokens` steps, or when prompt plus answer would outgrow the model's positions (`max_context`).
         temperature 0 is greedy; top_k keeps only the k most likely tokens before sampling.
         """
-        if not prompt_ids:
-            raise ValueError("generate needs a non-empty prompt (start it with <|bos|>)")
+        self._check_request([prompt_ids], num_samples, max_tokens, temperature, top_k)
+        steps = min(max_tokens, self.max_context - len(prompt_ids))
+        if steps == 0:
+            return
+        yield from self._decode([prompt_ids], num_samples, steps, temperature, top_k, seed)
+
+    def _check_request(self, prompts: list[list[int]], num_samples: int, max_tokens: int, temperature: float,
+                       top_k: int | None) -> None:
         if num_samples < 1 or max_tokens < 0:
             raise ValueError(f"num_samples must be >= 1 and max_tokens >= 0, got {num_samples}, {max_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if len(prompt_ids) > self.max_context:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_context}")
-        steps = min(max_tokens, self.max_context - len(prompt_ids))
-        if steps == 0:
-            return
-        yield from self._decode(prompt_ids, num_samples, steps, temperature, top_k, seed)
+        for prompt_ids in prompts:
+            if not prompt_ids:
+                raise ValueError("generate needs a non-empty prompt (start it with <|bos|>)")
+            if len(prompt_ids) > self.max_context:
+                raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "
+                                 f"{self.max_context}")
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position, under bf16 autocast on CUDA."""
@@ -145,35 +160,51 @@ class Engine:
     # As a decorator on a generator, inference_mode is only on while the generator runs, never in the
     # caller's code between two steps (a `with` block here would leak it into the caller).
     @torch.inference_mode()
-    def _decode(self, prompt_ids, num_samples, steps, temperature, top_k, seed):
-        device = self.device
-        generator = torch.Generator(device=device)
+    def _decode(self, prompts, num_samples, steps, temperature, top_k, seed):
+        """Columns of `steps` tokens for len(prompts) * num_samples rows, prompt i's samples in rows
+        i * num_samples..; every prompt must leave room for `steps` tokens in `max_context`."""
+        generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
-        prompt_cache = self.new_cache(1, len(prompt_ids))
-        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        logits = self._forward(prompt, prompt_cache)
+        prefixes, logits = self._prefill(prompts)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        batch = len(prompts) * num_samples
         # The last step's token is never fed back, so the cache needs room for steps - 1 answer tokens.
-        cache_len = len(prompt_ids) + steps - 1
+        cache_len = max(len(prompt_ids) for prompt_ids in prompts) + steps - 1
         self.last_decode_path = "dynamic"
-        decoder = self._claim_decoder(num_samples, cache_len) if steps > 1 else None
+        decoder = self._claim_decoder(batch, cache_len) if steps > 1 else None
+        rows = [_RowState() for _ in range(batch)]
         try:
-            if decoder is not None:
-                decoder.load_prefix(prompt_cache)
-                cache = None
-            else:
-                cache = self.new_cache(num_samples, cache_len)
-                cache.prefill_from(prompt_cache)
-            del prompt_cache
-            logits = logits.expand(num_samples, -1)
-            rows = [_RowState() for _ in range(num_samples)]
             if decoder is None:
+                cache = self.new_cache(batch, cache_len)
+                cache.prefill_rows(prefixes, num_samples)
+                del prefixes
                 yield from self._dynamic_steps(logits, cache, rows, steps, temperature, top_k, generator)
             else:
-                yield from self._static_steps(logits, decoder, len(prompt_ids), rows, steps, temperature, top_k,
-                                              generator)
+                start = self._load_rows(decoder, prefixes, num_samples)
+                del prefixes
+                yield from self._static_steps(logits, decoder, start, rows, steps, temperature, top_k, generator)
         finally:
             if decoder is not None:
                 self._decoder_busy = False
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[list[KVCache], torch.Tensor]:
+        """Each prompt through the model at batch 1: their caches, and their last logits (prompts, vocab)."""
+        caches, logits = [], []
+        for prompt_ids in prompts:
+            caches.append(self.new_cache(1, len(prompt_ids)))
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+            logits.append(self._forward(ids, caches[-1]))
+        return caches, torch.cat(logits)
+
+    def _load_rows(self, decoder: StaticDecoder, prefixes: list[KVCache], num_samples: int) -> int | torch.Tensor:
+        """Copy prefix i into the decoder's rows i * num_samples..; returns where the answers start: one
+        position, or a device tensor of per-row positions when the prompts differ in length."""
+        for i, prefix in enumerate(prefixes):
+            decoder.load_prefix(prefix, slice(i * num_samples, (i + 1) * num_samples))
+        lengths = [prefix.pos for prefix in prefixes]
+        if len(set(lengths)) == 1:
+            return lengths[0]
+        return torch.tensor(lengths, device=self.device).repeat_interleave(num_samples)
 
     def _next_column(self, rows: list[_RowState], sampled: list[int]) -> tuple[list[int], list[int]]:
         """Each row's token (its next forced one, else the sampled one) and mask; tool use is tracked."""
@@ -197,11 +228,12 @@ class Engine:
                 column = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
                 logits = self._forward(column, cache)
 
-    def _static_steps(self, logits, decoder, prompt_len, rows, steps, temperature, top_k, generator):
+    def _static_steps(self, logits, decoder, start, rows, steps, temperature, top_k, generator):
         """Like _dynamic_steps, but the next step is launched before this column reaches the host.
 
         The fed tokens are assembled on the device (sampled, or the row's next forced token, which is known
-        before sampling), so on CUDA the GPU computes step s + 1 while the caller handles column s.
+        before sampling), so on CUDA the GPU computes step s + 1 while the caller handles column s. `start`:
+        the position of the first answer token, one int or a device tensor per row.
         """
         cuda = logits.is_cuda
         host = torch.empty(len(rows), dtype=torch.long, pin_memory=cuda)
@@ -217,7 +249,7 @@ class Engine:
                 if any(token >= 0 for token in forced):
                     forced = torch.tensor(forced, dtype=torch.long, device=sampled.device)
                     fed = torch.where(forced >= 0, forced, sampled)
-                logits = decoder.step(fed, prompt_len + step)
+                logits = decoder.step(fed, start + step)
             if copied is not None:
                 copied.synchronize()
             yield self._next_column(rows, host.tolist())
@@ -301,10 +333,43 @@ class Engine:
                        temperature: float = 1.0, top_k: int | None = None,
                        seed: int = 42) -> tuple[list[list[int]], list[list[int]]]:
         """Whole answers (prompt not included) and their masks, each cut before its first stop token."""
-        results: list[list[int]] = [[] for _ in range(num_samples)]
-        masks: list[list[int]] = [[] for _ in range(num_samples)]
-        done = [False] * num_samples
-        for tokens, mask_column in self.generate(prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
+        columns = self.generate(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+        return self._collect(columns, num_samples)
+
+    def generate_batches(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
+                         temperature: float = 1.0, top_k: int | None = None,
+                         seed: int = 42) -> list[tuple[list[list[int]], list[list[int]]]]:
+        """`generate_batch` for several prompts decoded as one batch: per prompt, its answers and masks.
+
+        Sampling draws from one generator seeded with `seed` for the whole batch, so at temperature > 0 the
+        answers are reproducible but not those of `generate_batch` per prompt. Rows of one batch decode the
+        same number of steps, so a prompt whose answers the context limit would cut before `max_tokens` is
+        decoded on its own (`generate_batch`, same seed); so is every prompt when their lengths differ and
+        the model is not a GPT (whose forward is what follows rows at different positions).
+        """
+        self._check_request(prompts, num_samples, max_tokens, temperature, top_k)
+        together = [i for i, prompt_ids in enumerate(prompts) if len(prompt_ids) + max_tokens <= self.max_context]
+        if as_gpt(self.model) is None and len({len(prompts[i]) for i in together}) > 1:
+            together = []
+        results = {}
+        if together and max_tokens > 0:
+            columns = self._decode([prompts[i] for i in together], num_samples, max_tokens, temperature, top_k,
+                                   seed)
+            answers, masks = self._collect(columns, len(together) * num_samples)
+            for k, i in enumerate(together):
+                rows = slice(k * num_samples, (k + 1) * num_samples)
+                results[i] = (answers[rows], masks[rows])
+        return [results[i] if i in results else
+                self.generate_batch(prompts[i], num_samples, max_tokens, temperature, top_k, seed)
+                for i in range(len(prompts))]
+
+    def _collect(self, columns: Iterator[tuple[list[int], list[int]]],
+                 num_rows: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Each row's tokens and masks from a column stream, cut before its first stop token."""
+        results: list[list[int]] = [[] for _ in range(num_rows)]
+        masks: list[list[int]] = [[] for _ in range(num_rows)]
+        done = [False] * num_rows
+        for tokens, mask_column in columns:
             for i, (token, mask) in enumerate(zip(tokens, mask_column)):
                 if done[i]:
                     continue

@@ -158,6 +158,93 @@ def test_refused_tool_call_forces_nothing(tokenizer):
     assert masks == [[1] * len(call + tail)]
 
 
+class ChainEngine(Engine):
+    """Adds a large logit to `chain[token]` after each fed token in `chain` (in the prompt pass, the dynamic
+    steps and the static decoder's steps alike), so greedy rows write scripted runs wherever a chain token
+    leads: a calculator call, an early `<|assistant_end|>`. Elsewhere the random model decides."""
+
+    def __init__(self, model, tokenizer, chain: dict[int, int], decode: str):
+        super().__init__(model, tokenizer, decode=decode)
+        self.bias = torch.zeros(VOCAB, VOCAB)
+        for token, successor in chain.items():
+            self.bias[token, successor] = 100.0
+
+    def _forward(self, ids, cache):
+        return super()._forward(ids, cache) + self.bias[ids[:, -1]]
+
+    def _build_decoder(self, path, batch_size, max_len):
+        decoder = super()._build_decoder(path, batch_size, max_len)
+        step = decoder.step
+        decoder.step = lambda ids, position: step(ids, position) + self.bias[ids]
+        return decoder
+
+
+def scripted_prompts(tokenizer) -> tuple[list[list[int]], dict[int, int]]:
+    """Prompts of 4, 10 and 6 tokens: the first makes its rows call the calculator (3+4), the second makes
+    them stop after two tokens, the third leaves them to the model; and the chain that does it."""
+    sid = tokenizer.special_id
+    tool_trigger, stop_trigger = 200, 201
+    expression = tokenizer.encode("3+4")
+    call = [sid("<|python_start|>"), *expression, sid("<|python_end|>")]
+    chain = {tool_trigger: call[0], **dict(zip(call, call[1:])), stop_trigger: 60, 60: 61, 61: sid("<|assistant_end|>")}
+    bos = tokenizer.bos_id
+    prompts = [[bos, 40, 41, tool_trigger], [bos, *range(80, 88), stop_trigger], [bos, 90, 91, 92, 93, 94]]
+    return prompts, chain
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+@pytest.mark.parametrize("window_pattern", ["L", "SSL"])
+def test_generate_batches_rows_equal_each_prompt_decoded_alone(tokenizer, decode, window_pattern):
+    """Greedy: prompts of different lengths in one batch write exactly what each writes alone, through the
+    3-token window, a calculator call (forced tokens, mask 0) and rows that stop early."""
+    model = random_model(n_layer=3, window_pattern=window_pattern, short_window=3)
+    prompts, chain = scripted_prompts(tokenizer)
+    engine = ChainEngine(model, tokenizer, chain, decode)
+    alone = [engine.generate_batch(prompt, 2, max_tokens=30, temperature=0.0) for prompt in prompts]
+    together = engine.generate_batches(prompts, 2, max_tokens=30, temperature=0.0)
+    assert engine.last_decode_path == decode
+    assert together == alone
+    (tool_answers, tool_masks), (stop_answers, _), (free_answers, _) = together
+    forced = [tokenizer.special_id("<|output_start|>"), *tokenizer.encode("7"), tokenizer.special_id("<|output_end|>")]
+    assert tool_answers[0][5:8] == forced and tool_masks[0][:10] == [1] * 5 + [0] * 3 + [1] * 2
+    assert stop_answers == [[60, 61]] * 2
+    assert len(free_answers[0]) == 30
+    if decode == "static":
+        dynamic = ChainEngine(model, tokenizer, chain, "dynamic")
+        assert dynamic.generate_batches(prompts, 2, max_tokens=30, temperature=0.0) == together
+
+
+def test_generate_batches_seeded_sampling_is_reproducible_on_both_paths(tokenizer):
+    model = random_model(n_layer=3, window_pattern="SL", short_window=3)
+    prompts, chain = scripted_prompts(tokenizer)
+    runs = {}
+    for decode in ("dynamic", "static"):
+        engine = ChainEngine(model, tokenizer, chain, decode)
+        runs[decode, 7] = engine.generate_batches(prompts, 3, max_tokens=20, temperature=1.0, top_k=50, seed=7)
+        assert engine.generate_batches(prompts, 3, max_tokens=20, temperature=1.0, top_k=50, seed=7) == runs[decode, 7]
+        runs[decode, 8] = engine.generate_batches(prompts, 3, max_tokens=20, temperature=1.0, top_k=50, seed=8)
+    assert runs["static", 7] == runs["dynamic", 7] and runs["dynamic", 8] != runs["dynamic", 7]
+    free_answers = runs["dynamic", 7][2][0]
+    assert len({tuple(answer) for answer in free_answers}) == 3
+
+
+def test_generate_batches_decodes_alone_what_cannot_share_a_batch(tokenizer):
+    """A prompt the context limit cuts, and prompts of different lengths for a model that is not a GPT."""
+    engine = Engine(random_model(sequence_len=8), tokenizer)  # 80 positions
+    prompts = [[tokenizer.bos_id] * 75, [tokenizer.bos_id, 5, 6], [tokenizer.bos_id] * 7]
+    together = engine.generate_batches(prompts, 2, max_tokens=10, temperature=0.0)
+    assert [len(answers[0]) for answers, _ in together] == [5, 10, 10]
+    assert together == [engine.generate_batch(prompt, 2, max_tokens=10, temperature=0.0) for prompt in prompts]
+    assert engine.generate_batches(prompts, 2, max_tokens=0) == [([[], []], [[], []])] * 3
+
+    words = tokenizer.encode(" fox jumps over")
+    scripted = Engine(ScriptedModel(words, prompt_len=3), tokenizer)
+    prompts = [[tokenizer.bos_id, 5, 6], [tokenizer.bos_id, 5, 6, 7]]
+    results = scripted.generate_batches(prompts, max_tokens=20, temperature=0.0)
+    assert results == [scripted.generate_batch(prompt, max_tokens=20, temperature=0.0) for prompt in prompts]
+    assert results[0][0][0][:len(words)] == words and results[1][0][0][:len(words) - 1] == words[1:]
+
+
 def test_text_stream_holds_back_split_utf8(tokenizer):
     text = "naïve 日本語 fox"
     ids = tokenizer.encode(text)
