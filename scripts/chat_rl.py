@@ -2,7 +2,8 @@
 
 A simple on-policy policy gradient (GRPO without clipping or KL): each step takes `--examples-per-step`
 training problems; for each, the Engine samples `--num-samples` answers at temperature 1 (calculator tool
-on). An answer earns reward 1 when its final number (after `####`, else its last number) equals the
+on), a rank's problems decoded together in batches of up to `--rollout-batch-size` answers
+(`Engine.generate_batches`). An answer earns reward 1 when its final number (after `####`, else its last number) equals the
 reference. Advantage = reward - the mean reward of that problem's samples, and the loss is
 -sum(advantage * log-prob of each sampled assistant token) divided by the number of those tokens over the
 step (tool outputs and the prompt are not trained on; a problem whose samples all score the same gives no
@@ -62,6 +63,9 @@ class ChatRLConfig(OptimizerFlags):
     temperature: float = 1.0
     top_k: int | None = 50
     device_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward pass"})
+    rollout_batch_size: int = field(default=256, metadata={
+        "help": "most answers sampled in one batch (whole problems of --num-samples each); its KV cache holds "
+                "this many rows of prompt + --max-new-tokens positions"})
     init_lr_frac: float = field(default=0.05, metadata={"help": "learning rates start at this share of the SFT ones"})
     eval_every: int = field(default=60, metadata={"help": "steps between GSM8K pass@1 checks (-1: only at the end)"})
     eval_examples: int = field(default=400, metadata={"help": "GSM8K test problems per check"})
@@ -74,9 +78,13 @@ class ChatRLConfig(OptimizerFlags):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples"):
+        for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples",
+                     "rollout_batch_size"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         require(self.num_samples > 1, "--num-samples must be at least 2: advantages compare samples of a problem")
+        require(self.rollout_batch_size >= self.num_samples,
+                f"--rollout-batch-size {self.rollout_batch_size} must be at least --num-samples {self.num_samples}: "
+                "a problem's samples are decoded in one batch")
         require(self.num_iterations == -1 or self.num_iterations > 0, "--num-iterations must be positive or -1")
         require(self.eval_every == -1 or self.eval_every > 0, "--eval-every must be positive or -1")
         require(self.temperature > 0, "--temperature must be positive: on-policy RL needs sampling")
@@ -101,17 +109,23 @@ def reward(example: dict[str, Any], completion: str) -> float:
     return 1.0 if answer_number(completion) == example["answer"] else 0.0
 
 
-def rollout_sequences(engine: Engine, tokenizer: Tokenizer, example: dict[str, Any], config: ChatRLConfig,
-                      seed: int) -> tuple[list[list[int]], list[list[int]], list[float]]:
-    """Sample answers to one problem: (prompt + answer token lists, their training masks, rewards).
+def rollout_sequences(engine: Engine, tokenizer: Tokenizer, examples: list[dict[str, Any]], config: ChatRLConfig,
+                      seed: int) -> list[tuple[list[list[int]], list[list[int]], list[float]]]:
+    """Sample answers to several problems, decoded together: per problem, (prompt + answer token lists,
+    their training masks, rewards).
 
     The mask is 1 on sampled answer tokens and 0 on the prompt and on tool outputs. An answer that ended
     before the token limit gets its `<|assistant_end|>` back (trained on), so the model learns to stop.
     """
-    prompt = tokenizer.render_for_completion(example)
-    answers, masks = engine.generate_batch(prompt, num_samples=config.num_samples,
-                                           max_tokens=config.max_new_tokens, temperature=config.temperature,
-                                           top_k=config.top_k, seed=seed)
+    prompts = [tokenizer.render_for_completion(example) for example in examples]
+    generated = engine.generate_batches(prompts, num_samples=config.num_samples, max_tokens=config.max_new_tokens,
+                                        temperature=config.temperature, top_k=config.top_k, seed=seed)
+    return [_scored(engine, tokenizer, example, prompt, answers, masks, config)
+            for example, prompt, (answers, masks) in zip(examples, prompts, generated)]
+
+
+def _scored(engine, tokenizer, example, prompt, answers, masks, config):
+    """One problem's sequences, masks and rewards (see rollout_sequences)."""
     end = tokenizer.special_id("<|assistant_end|>")
     sequences, sequence_masks, rewards = [], [], []
     for answer, mask in zip(answers, masks):
@@ -266,10 +280,7 @@ def _rl_step(config, runtime, model, engine, tokenizer, train_task, order, step,
     mine = range(first + runtime.rank, first + config.examples_per_step, runtime.world_size)
     sequences, masks, advantages, rewards = [], [], [], []
     model.eval()
-    for position in mine:
-        example = train_task[order[position % len(order)]]
-        seqs, seq_masks, seq_rewards = rollout_sequences(engine, tokenizer, example, config,
-                                                         seed=config.seed + position)
+    for seqs, seq_masks, seq_rewards in _rollouts(config, engine, tokenizer, train_task, order, mine):
         mean = sum(seq_rewards) / len(seq_rewards)
         sequences += seqs
         masks += seq_masks
@@ -310,6 +321,17 @@ def _rl_step(config, runtime, model, engine, tokenizer, train_task, order, step,
     model.zero_grad(set_to_none=True)
     return {"loss": loss_value, "reward": reward_sum / max(samples, 1.0), "tokens": int(trained_tokens),
             "active": int(active_samples), "lr_mult": lr_mult}
+
+
+def _rollouts(config, engine, tokenizer, train_task, order, positions):
+    """Each problem's (sequences, masks, rewards), problems decoded in chunks of up to --rollout-batch-size
+    answers; a chunk samples with the seed config.seed + the position of its first problem."""
+    positions = list(positions)
+    per_chunk = config.rollout_batch_size // config.num_samples
+    for first in range(0, len(positions), per_chunk):
+        chunk = positions[first:first + per_chunk]
+        examples = [train_task[order[position % len(order)]] for position in chunk]
+        yield from rollout_sequences(engine, tokenizer, examples, config, seed=config.seed + chunk[0])
 
 
 def _write_report(config, runtime, source_meta, num_iterations, loop) -> None:

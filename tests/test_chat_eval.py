@@ -18,6 +18,7 @@ from nanochat.chat_eval_runner import (
     run_categorical,
     selected_indices,
 )
+from nanochat.configargs import UsageError
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.runtime import Runtime
@@ -27,6 +28,7 @@ from nanochat.tokenizer import train_tokenizer
 from scripts import chat_rl
 from scripts.chat_rl import ChatRLConfig, answer_number, policy_gradient_batches, reward
 from tests.conftest import run_stage
+from tests.fixtures.models import random_gpt
 
 TINY_BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "64",
              "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "4",
@@ -182,6 +184,53 @@ def test_rl_step_updates_the_model_only_when_samples_differ(tokenizer, monkeypat
     stats, changed = step_with(lambda example, text: float(next(calls) % 2))  # half the samples rewarded
     assert stats["active"] == 8 and stats["reward"] == pytest.approx(0.5) and changed
     assert math.isfinite(stats["loss"]) and stats["tokens"] > 0
+
+
+def _problems(count: int) -> list[dict]:
+    """GSM8K-style problems whose prompts differ in length."""
+    return [{"messages": [{"role": "user", "content": "What is 12 plus 7?" + " Really." * i},
+                          {"role": "assistant", "content": "#### 19"}], "answer": "19"} for i in range(count)]
+
+
+def test_rollout_sequences_decode_problems_together_as_each_alone(tokenizer):
+    """top_k 1 samples greedily: each problem's sequences are its prompt + what generate_batch writes for it
+    alone, plus <|assistant_end|> where the answer stopped; masks cover the sampled tokens and that end."""
+    model = random_gpt(GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
+                                 n_kv_head=2, n_embd=32, window_pattern="SL", short_window=8))
+    engine = Engine(model, tokenizer)
+    config = ChatRLConfig(num_samples=2, max_new_tokens=12, top_k=1)
+    examples = _problems(3)
+    end = tokenizer.special_id("<|assistant_end|>")
+    rollouts = chat_rl.rollout_sequences(engine, tokenizer, examples, config, seed=3)
+    assert len(rollouts) == 3
+    for example, (sequences, masks, rewards) in zip(examples, rollouts):
+        prompt = tokenizer.render_for_completion(example)
+        answers, answer_masks = engine.generate_batch(prompt, 2, max_tokens=12, temperature=0.0)
+        for sequence, mask, answer, answer_mask in zip(sequences, masks, answers, answer_masks):
+            tail = [end] if len(answer) < 12 else []
+            assert sequence == prompt + answer + tail
+            assert mask == [0] * len(prompt) + answer_mask + [1] * len(tail)
+        assert rewards == [reward(example, tokenizer.decode(answer)) for answer in answers]
+
+
+def test_rollouts_come_in_chunks_of_the_rollout_batch_size(tokenizer, monkeypatch):
+    chunks = []
+
+    def fake_rollouts(engine, tokenizer, examples, config, seed):
+        chunks.append(([example["messages"][0]["content"] for example in examples], seed))
+        return [([[1, 2]] * config.num_samples, [[0, 1]] * config.num_samples, [0.0] * config.num_samples)
+                for _ in examples]
+
+    monkeypatch.setattr(chat_rl, "rollout_sequences", fake_rollouts)
+    config = ChatRLConfig(num_samples=4, rollout_batch_size=9, seed=10)
+    problems = _problems(5)
+    got = list(chat_rl._rollouts(config, None, tokenizer, problems, [4, 3, 2, 1, 0], range(1, 6, 1)))
+    assert len(got) == 5
+    contents = [problem["messages"][0]["content"] for problem in problems]
+    # two problems (8 answers) per chunk; position p is problem order[p % 5]; seed: 10 + first position
+    assert chunks == [([contents[3], contents[2]], 11), ([contents[1], contents[0]], 13), ([contents[4]], 15)]
+    with pytest.raises(UsageError, match="--rollout-batch-size 8 must be at least --num-samples 16"):
+        ChatRLConfig(rollout_batch_size=8)
 
 
 @pytest.fixture(scope="module")
