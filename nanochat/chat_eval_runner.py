@@ -4,9 +4,10 @@
   logits at that last position are compared over the answer letters' tokens only, so no sampling is
   involved and a model that has not learned the answer format is still measured. Prompts run in
   right-padded batches.
-- Generative tasks: `Engine.generate_batch` writes `num_samples` answers (tools on, so GSM8K can use the
-  calculator); the example counts as solved when any of them is graded correct (pass@k). HumanEval answers
-  run in the sandbox of `nanochat.execution`.
+- Generative tasks: `Engine.generate_batches` writes `num_samples` answers per example (tools on, so GSM8K
+  can use the calculator), decoding examples together in batches of up to GENERATIVE_BATCH_ROWS answers;
+  the example counts as solved when any of them is graded correct (pass@k). HumanEval answers run in the
+  sandbox of `nanochat.execution`.
 - DemoFacts (demo corpus only): the first question of each held-out SmolTalk test conversation, about
   entities that never appear in fine-tuning data; correct when the reference's answer word (a capital, a
   color, a number...) appears as a whole word in the reply.
@@ -46,6 +47,8 @@ STANDARD_TASKS: dict[str, tuple[str, str, float]] = {
 }
 DEMO_FACTS = "DemoFacts"
 SUBSET_SEED = 1234  # which examples --max-per-task keeps: a fixed random subset (MMLU's test is sorted)
+# Answers decoded in one batch by generative evaluation (whole examples of num_samples answers, at least one).
+GENERATIVE_BATCH_ROWS = 64
 _WORD = re.compile(r"[A-Za-z0-9]+")
 
 
@@ -189,22 +192,29 @@ def grade_generated(task: Task | DemoFacts, example: Mapping[str, Any], completi
 def run_generative(engine: Engine, tokenizer, task: Task | DemoFacts, examples: Sequence[Mapping[str, Any]],
                    num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 0.0,
                    top_k: int | None = None, seed: int = 42, keep_samples: int = 0,
-                   progress: Callable[[], None] | None = None) -> tuple[list[bool], list[str]]:
-    """pass@num_samples per example, and the first `keep_samples` (prompt, reply) pairs as text."""
+                   progress: Callable[[], None] | None = None,
+                   batch_rows: int = GENERATIVE_BATCH_ROWS) -> tuple[list[bool], list[str]]:
+    """pass@num_samples per example, and the first `keep_samples` (prompt, reply) pairs as text.
+
+    Examples are decoded together, as many per batch as `batch_rows` answers hold (at least one); a batch
+    samples with seed + the index of its first example. A prompt that fills the model's context is unsolved.
+    """
     outcomes, samples = [], []
-    for number, example in enumerate(examples):
-        prompt = tokenizer.render_for_completion(example)
-        solved = False
-        if len(prompt) < engine.max_context:
-            answers, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, seed=seed + number)
-            replies = [tokenizer.decode(answer) for answer in answers]
-            solved = any(grade_generated(task, example, reply) for reply in replies)
-            if len(samples) < keep_samples:
-                samples.append(f"{example['messages'][0]['content'][:200]!r} -> {replies[0][:200]!r}")
-        outcomes.append(solved)
-        if progress is not None:
-            progress()
+    per_batch = max(1, batch_rows // num_samples)
+    for first in range(0, len(examples), per_batch):
+        chunk = examples[first:first + per_batch]
+        prompts = [tokenizer.render_for_completion(example) for example in chunk]
+        fits = [i for i, prompt in enumerate(prompts) if len(prompt) < engine.max_context]
+        generated = engine.generate_batches([prompts[i] for i in fits], num_samples=num_samples,
+                                            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                            seed=seed + first)
+        replies = {i: [tokenizer.decode(answer) for answer in answers] for i, (answers, _) in zip(fits, generated)}
+        for i, example in enumerate(chunk):
+            outcomes.append(i in replies and any(grade_generated(task, example, reply) for reply in replies[i]))
+            if i in replies and len(samples) < keep_samples:
+                samples.append(f"{example['messages'][0]['content'][:200]!r} -> {replies[i][0][:200]!r}")
+            if progress is not None:
+                progress()
     return outcomes, samples
 
 

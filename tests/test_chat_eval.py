@@ -16,6 +16,7 @@ from nanochat.chat_eval_runner import (
     chatcore,
     grade_generated,
     run_categorical,
+    run_generative,
     selected_indices,
 )
 from nanochat.configargs import UsageError
@@ -190,6 +191,38 @@ def _problems(count: int) -> list[dict]:
     """GSM8K-style problems whose prompts differ in length."""
     return [{"messages": [{"role": "user", "content": "What is 12 plus 7?" + " Really." * i},
                           {"role": "assistant", "content": "#### 19"}], "answer": "19"} for i in range(count)]
+
+
+class RecordingTask:
+    """Grades a reply as correct when its example's index is even, and records every reply it grades."""
+
+    def __init__(self):
+        self.replies = []
+
+    def evaluate(self, example, completion):
+        self.replies.append((example["index"], completion))
+        return example["index"] % 2 == 0
+
+
+@pytest.mark.parametrize("batch_rows", [1, 4])
+def test_generative_evaluation_decodes_examples_together_as_each_alone(tokenizer, batch_rows):
+    model = random_gpt(GPTConfig(sequence_len=8, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
+                                 n_kv_head=2, n_embd=32))
+    engine = Engine(model, tokenizer)
+    examples = [{**problem, "index": i} for i, problem in enumerate(_problems(5))]
+    examples[2] = {**_problems(40)[39], "index": 2}  # its prompt fills the 80 positions: unsolved, never graded
+    assert len(tokenizer.render_for_completion(examples[2])) >= engine.max_context
+    task = RecordingTask()
+    outcomes, samples = run_generative(engine, tokenizer, task, examples, num_samples=2, max_new_tokens=6,
+                                       keep_samples=2, batch_rows=batch_rows)
+    assert outcomes == [True, False, False, False, True]
+    expected = []
+    for example in examples[:2] + examples[3:]:
+        answers, _ = engine.generate_batch(tokenizer.render_for_completion(example), 2, max_tokens=6,
+                                           temperature=0.0)
+        expected += [(example["index"], tokenizer.decode(answer)) for answer in answers[:1 + example["index"] % 2]]
+    assert task.replies == expected
+    assert len(samples) == 2 and samples[1].endswith(f"-> {expected[1][1]!r}")
 
 
 def test_rollout_sequences_decode_problems_together_as_each_alone(tokenizer):
