@@ -20,6 +20,12 @@ stderr) is visible.
 mode's decoder side by side and reports how often their argmax agrees, their largest logit difference
 and, where the argmax differs, how close the dynamic path's top two logits were.
 
+`--prompts N` (N > 1) measures what RL rollouts and generative evaluation do instead: greedy answers of
+`--batch-sizes` samples to N random prompts of `--prompt-tokens` / 2 to `--prompt-tokens` tokens, once
+with one `Engine.generate_batch` per prompt and once with one `Engine.generate_batches` for all of them
+(each way on its own engine, after one untimed run); one JSON line per batch size and mode with both
+times, their ratio and whether the answers are the same.
+
 `--weights init` (the default) is the model's own initialisation, whose attention and MLP output
 projections start at zero (like upstream nanochat's benchmark): timing is the same, and the tokens depend
 only on the fed token, so they must match exactly. `--weights random` fills every matrix, which makes the
@@ -62,6 +68,8 @@ class BenchDecodeConfig:
     batch_sizes: str = field(default="1,16", metadata={"help": "comma-separated samples per prompt"})
     prompt_tokens: int = 512
     new_tokens: int = 256
+    prompts: int = field(default=1, metadata={
+        "help": "above 1: time answers to this many prompts of different lengths, one at a time vs together"})
     mode: str = field(default="eager,graph", metadata={"help": "comma-separated: " + ", ".join(ENGINE_DECODE)})
     weights: Literal["init", "random"] = "init"
     dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={
@@ -74,7 +82,7 @@ class BenchDecodeConfig:
 
     def __post_init__(self) -> None:
         for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "vocab_size", "prompt_tokens",
-                     "new_tokens"):
+                     "new_tokens", "prompts"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
                 f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
@@ -221,6 +229,38 @@ def teacher_forced_agreement(model: GPT, engine: Engine, prompt: list[int], toke
             "widest_top2_gap_where_argmax_differs": round(widest_gap, 5)}
 
 
+def greedy_answers(engine: Engine, prompts: list[list[int]], samples: int, new_tokens: int,
+                   together: bool) -> list:
+    if together:
+        return engine.generate_batches(prompts, samples, max_tokens=new_tokens, temperature=0.0)
+    return [engine.generate_batch(prompt, samples, max_tokens=new_tokens, temperature=0.0) for prompt in prompts]
+
+
+def run_prompts(model: GPT, tokenizer: NoToolTokenizer, prompts: list[list[int]], samples: int, mode: str,
+                config: BenchDecodeConfig) -> dict:
+    """Seconds for greedy answers to all prompts, one generate_batch per prompt and one generate_batches."""
+    seconds, answers, paths = {}, {}, {}
+    for together in (False, True):
+        engine = Engine(model, tokenizer, decode=ENGINE_DECODE[mode])
+        greedy_answers(engine, prompts, samples, config.new_tokens, together)  # graph modes capture here
+        synchronize(config.device_type)
+        start = time.perf_counter()
+        answers[together] = greedy_answers(engine, prompts, samples, config.new_tokens, together)
+        synchronize(config.device_type)
+        seconds[together] = time.perf_counter() - start
+        paths[together] = engine.last_decode_path
+    return {"mode": mode, "prompts": len(prompts), "batch_size": samples, "decode_path": paths[True],
+            "prompt_tokens": [len(prompt) for prompt in prompts], "new_tokens": config.new_tokens,
+            "one_at_a_time_s": round(seconds[False], 4), "together_s": round(seconds[True], 4),
+            "speedup": round(seconds[False] / seconds[True], 2), "tokens_match": answers[False] == answers[True]}
+
+
+def random_prompts(config: BenchDecodeConfig, generator: torch.Generator) -> list[list[int]]:
+    lengths = torch.randint(max(1, config.prompt_tokens // 2), config.prompt_tokens + 1, (config.prompts,),
+                            generator=generator)
+    return [torch.randint(0, config.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
+
+
 def main(config: BenchDecodeConfig) -> int:
     device_type = config.device_type
     model = build_model(config)
@@ -229,6 +269,12 @@ def main(config: BenchDecodeConfig) -> int:
           f"{config.weights} weights, on {device_name}", file=sys.stderr, flush=True)
     tokenizer = NoToolTokenizer(config.vocab_size)
     generator = torch.Generator().manual_seed(config.seed)
+    if config.prompts > 1:
+        prompts = random_prompts(config, generator)
+        for samples in config.batch_size_list():
+            for mode in config.mode_list():
+                emit(run_prompts(model, tokenizer, prompts, samples, mode, config), config)
+        return EXIT_OK
     prompt = torch.randint(0, config.vocab_size, (config.prompt_tokens,), generator=generator).tolist()
     results = []
     for batch_size in config.batch_size_list():
@@ -248,17 +294,22 @@ def main(config: BenchDecodeConfig) -> int:
                 engine = Engine(model, tokenizer, decode=ENGINE_DECODE[mode])
                 result["teacher_forced"] = teacher_forced_agreement(model, engine, prompt, eager_tokens, mode)
             results.append(result)
-            line = json.dumps(result)
-            print(line, flush=True)
-            if config.out:
-                with open(config.out, "a") as handle:
-                    handle.write(line + "\n")
+            emit(result, config)
     print("batch  mode            path            ttft ms  tok/s/seq  tok/s total  match", file=sys.stderr)
     for r in results:
         print(f"{r['batch_size']:>5}  {r['mode']:<14}  {r['decode_path']:<14}  {r['ttft_ms']:>7.1f}  "
               f"{r['decode_tok_per_s_per_seq']:>9.1f}  {r['decode_tok_per_s_total']:>11.1f}  {r['tokens_match']}",
               file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+def emit(result: dict, config: BenchDecodeConfig) -> None:
+    """Print one result as a JSON line (and append it to --out)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if config.out:
+        with open(config.out, "a") as handle:
+            handle.write(line + "\n")
 
 
 def cli(argv=None) -> int:

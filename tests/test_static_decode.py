@@ -354,6 +354,20 @@ def test_bench_decode_cpu_path(capsys):
     assert "--dtype bf16 decodes under CUDA's autocast; on cpu use --dtype fp32" in capsys.readouterr().err
 
 
+def test_bench_decode_times_several_prompts_one_at_a_time_and_together(capsys):
+    code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
+                             "--max-seq-len", "32", "--batch-sizes", "2", "--prompt-tokens", "9", "--prompts", "3",
+                             "--new-tokens", "5", "--mode", "eager,static", "--weights", "random",
+                             "--device-type", "cpu"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["mode"], r["decode_path"], r["prompts"], r["batch_size"]) for r in lines] == [
+        ("eager", "dynamic", 3, 2), ("static", "static", 3, 2)]
+    for result in lines:
+        assert result["tokens_match"] is True and result["one_at_a_time_s"] > 0 and result["together_s"] > 0
+        assert len(result["prompt_tokens"]) == 3 and all(4 <= n <= 9 for n in result["prompt_tokens"])
+
+
 @needs_cuda
 def test_auto_decode_compiles_and_falls_back_to_the_uncompiled_graph_when_compiling_fails(tokenizer, monkeypatch,
                                                                                       capsys):
