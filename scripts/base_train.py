@@ -102,6 +102,7 @@ class BaseTrainConfig(OptimizerFlags):
         require(0 <= self.warmup_ratio <= 1 and 0 <= self.warmdown_ratio <= 1
                 and self.warmup_ratio + self.warmdown_ratio <= 1,
                 "--warmup-ratio and --warmdown-ratio must be in [0, 1] and add up to at most 1")
+        require(0 <= self.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]")
         if self.model_tag is None:
             self.model_tag = f"d{self.depth}"
 

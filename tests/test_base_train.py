@@ -191,6 +191,7 @@ def test_divergence_exits_3_and_keeps_last_good_checkpoint(tiny_cache):
     (["--device-batch-size", "3", "--total-batch-size", "1000"], "total_batch_size"),
     (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
     (["--window-pattern", "SL", "--attention", "cudnn"], "--attention cudnn needs a CUDA GPU"),
+    (["--final-lr-frac", "5"], "--final-lr-frac must be in [0, 1]"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny_cache, args, message):
     proc = run_stage("base_train", *TINY, "--num-iterations", "2", *args, cache=tiny_cache, check=False)
