@@ -24,10 +24,13 @@ floating-point summation order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanochat.configargs import require
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they push every singular value of a normalised
 # matrix into roughly [0.7, 1.2] in 5 steps, which is as good as exactly 1 for a step direction.
@@ -47,6 +50,12 @@ class OptimizerFlags:
     matrix_lr: float = 0.02
     scalar_lr: float = 0.5
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0,
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
     def optimizer_kwargs(self, lr_scale: float = 1.0) -> dict[str, float]:
         return {"embedding_lr": self.embedding_lr * lr_scale, "unembedding_lr": self.unembedding_lr * lr_scale,

@@ -80,13 +80,15 @@ class FinetuneConfig(OptimizerFlags):
         "help": ATTENTION_FLAG_HELP})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_tracker(self.run)
         for name in ("device_batch_size", "eval_batches"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         require(self.max_seq_len is None or self.max_seq_len > 1, "--max-seq-len must be at least 2")
         require(self.num_iterations == -1 or self.num_iterations > 0, "--num-iterations must be positive or -1")
         require(self.eval_every == -1 or self.eval_every > 0, "--eval-every must be positive or -1")
-        require(self.lr_scale > 0, f"--lr-scale must be positive, got {self.lr_scale}")
+        require(math.isfinite(self.lr_scale) and self.lr_scale > 0,
+                f"--lr-scale must be a finite positive number, got {self.lr_scale}")
         require(self.identity_epochs >= 0, "--identity-epochs must be 0 or more")
         require(self.device_type in ("auto", "cuda", "mps", "cpu"), "--device-type must be auto, cuda, mps or cpu")
         require(0 <= self.warmup_ratio <= 1 and 0 <= self.warmdown_ratio <= 1

@@ -90,6 +90,7 @@ class BaseTrainConfig(OptimizerFlags):
     tokenizer_threads: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.depth > 0, f"--depth must be a positive number of layers, got {self.depth}")
         require_tracker(self.run)
         for name in ("aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",

@@ -78,6 +78,7 @@ class ChatRLConfig(OptimizerFlags):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples",
                      "rollout_batch_size"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

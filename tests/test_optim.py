@@ -200,6 +200,32 @@ def test_param_group_validation():
         MuonAdamW([dict(params=[matrix], kind="adamw")])
 
 
+@pytest.mark.parametrize("config_path", ["scripts.base_train:BaseTrainConfig", "scripts.mid_train:MidTrainConfig",
+                                         "scripts.chat_sft:ChatSFTConfig", "scripts.chat_rl:ChatRLConfig"])
+@pytest.mark.parametrize("argv, message", [
+    (["--matrix-lr", "-0.02"], "--matrix-lr must be a finite number >= 0, got -0.02"),
+    (["--embedding-lr", "nan"], "--embedding-lr must be a finite number >= 0, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+])
+def test_every_training_stage_refuses_negative_or_non_finite_learning_rates(config_path, argv, message):
+    import importlib
+
+    from nanochat.configargs import UsageError, parse_config
+
+    module, name = config_path.split(":")
+    with pytest.raises(UsageError) as caught:
+        parse_config(getattr(importlib.import_module(module), name), argv)
+    assert str(caught.value) == message
+
+
+def test_finetune_stages_refuse_an_infinite_lr_scale():
+    from nanochat.configargs import UsageError, parse_config
+    from scripts.mid_train import MidTrainConfig
+
+    with pytest.raises(UsageError, match="--lr-scale must be a finite positive number, got inf"):
+        parse_config(MidTrainConfig, ["--lr-scale", "inf"])
+
+
 def overlapped_train_steps(model: GPT, optimizer: MuonAdamW, steps, rows: slice, micro_steps: int) -> None:
     """train_steps with gradients reduced during backward (on the last micro-step's backward only)."""
     for step in steps:
