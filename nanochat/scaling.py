@@ -13,6 +13,7 @@ that count gives the cleanest scaling laws.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from nanochat.configargs import UsageError
@@ -136,6 +137,9 @@ def derive(depth: int, *, aspect_ratio: int = 64, head_dim: int = 128, max_seq_l
             "pass a --total-batch-size that is, or change --device-batch-size")
     grad_accum_steps = total_batch_size // tokens_per_micro_step
 
+    for name, value in (("target_flops", target_flops), ("target_param_data_ratio", target_param_data_ratio)):
+        if not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value}; pass a finite --{name.replace('_', '-')}")
     if num_iterations > 0:
         horizon_source = "num_iterations"
     elif target_flops > 0:

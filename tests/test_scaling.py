@@ -80,6 +80,10 @@ def test_gqa_and_window_pattern_pass_through():
     (dict(depth=4, window_pattern="LX"), "window_pattern"),
     (dict(depth=4, target_param_data_ratio=0), "no training horizon"),
     (dict(depth=4, target_flops=1.0), "under one iteration"),
+    (dict(depth=4, target_flops=float("inf")), "target_flops must be a finite number, got inf; pass a finite "
+                                               "--target-flops"),
+    (dict(depth=4, target_flops=float("nan")), "target_flops must be a finite number, got nan"),
+    (dict(depth=4, target_param_data_ratio=float("inf")), "pass a finite --target-param-data-ratio"),
 ])
 def test_derive_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
