@@ -10,6 +10,7 @@ nothing (`--force` evaluates again). Under torchrun the examples are split acros
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class ChatEvalConfig:
 
     def __post_init__(self) -> None:
         require(self.max_per_task == -1 or self.max_per_task > 0, "--max-per-task must be positive or -1 (all)")
-        require(self.temperature >= 0, f"--temperature must be zero or positive, got {self.temperature}")
+        require(math.isfinite(self.temperature) and self.temperature >= 0,
+                f"--temperature must be a finite number >= 0, got {self.temperature}")
         require(self.top_k is None or self.top_k > 0, "--top-k must be positive (or none)")
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

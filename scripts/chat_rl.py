@@ -88,7 +88,8 @@ class ChatRLConfig(OptimizerFlags):
                 "a problem's samples are decoded in one batch")
         require(self.num_iterations == -1 or self.num_iterations > 0, "--num-iterations must be positive or -1")
         require(self.eval_every == -1 or self.eval_every > 0, "--eval-every must be positive or -1")
-        require(self.temperature > 0, "--temperature must be positive: on-policy RL needs sampling")
+        require(math.isfinite(self.temperature) and self.temperature > 0,
+                f"--temperature must be a finite number > 0 (on-policy RL needs sampling), got {self.temperature}")
         require(self.top_k is None or self.top_k > 0, "--top-k must be positive (or none)")
         require(0 < self.init_lr_frac <= 1, "--init-lr-frac must be in (0, 1]")
         require(self.device_type in ("auto", "cuda", "mps", "cpu"), "--device-type must be auto, cuda, mps or cpu")

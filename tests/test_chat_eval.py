@@ -27,6 +27,7 @@ from nanochat.tasks import HumanEval, JsonlFile
 from nanochat.tasks.multiple_choice import multiple_choice_example
 from nanochat.tokenizer import train_tokenizer
 from scripts import chat_rl
+from scripts.chat_eval import ChatEvalConfig
 from scripts.chat_rl import ChatRLConfig, answer_number, policy_gradient_batches, reward
 from tests.conftest import run_stage
 from tests.fixtures.models import random_gpt
@@ -130,6 +131,14 @@ def test_rl_reward_reads_the_final_number():
     assert reward(example, "so the answer is 42.") == 1.0
     assert reward(example, "1,042") == 0.0
     assert answer_number("#### 1,000") == "1000" and answer_number("no number") is None
+
+
+@pytest.mark.parametrize("config_cls", [ChatRLConfig, ChatEvalConfig])
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan")])
+def test_sampling_stages_refuse_a_temperature_that_is_not_finite(config_cls, temperature):
+    # inf samples uniformly over the whole vocabulary, special tokens included
+    with pytest.raises(UsageError, match="--temperature must be a finite number"):
+        config_cls(temperature=temperature)
 
 
 def test_policy_gradient_raises_the_log_prob_of_rewarded_samples():
