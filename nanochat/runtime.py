@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat.configargs import UsageError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -67,6 +69,27 @@ def resolve_device_type(requested: str) -> str:
     return requested
 
 
+TORCHRUN_FIX = "torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; unset them to run as one process"
+
+
+def torchrun_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables (one process when unset); garbage is a
+    UsageError naming the variable."""
+    numbers = {}
+    for name, default, least in (("RANK", "0", 0), ("LOCAL_RANK", "0", 0), ("WORLD_SIZE", "1", 1)):
+        text = environ.get(name, default)
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise UsageError(f"{name}={text!r} is not a whole number >= {least}: {TORCHRUN_FIX}")
+        numbers[name] = value
+    if numbers["RANK"] >= numbers["WORLD_SIZE"]:
+        raise UsageError(f"RANK={numbers['RANK']} is not below WORLD_SIZE={numbers['WORLD_SIZE']}: {TORCHRUN_FIX}")
+    return numbers["RANK"], numbers["LOCAL_RANK"], numbers["WORLD_SIZE"]
+
+
 HIGH_PRIORITY_ENV = "TORCH_NCCL_HIGH_PRIORITY"
 
 
@@ -88,9 +111,7 @@ def setup_runtime(device_type: str = "auto", seed: int = 42, precision: str = "a
     precision: 'auto' (bf16 autocast on CUDA, float32 elsewhere), 'bf16' or 'fp32'.
     """
     dtype = resolve_device_type(device_type)
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank, world_size = torchrun_ranks(os.environ)
     if dtype == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -26,7 +26,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint, load_model, model_files
 from nanochat.paths import base_dir, data_dir, tokenizer_dir
 from nanochat.report import already_evaluated, evaluation_inputs, write_section
-from nanochat.runtime import print0, setup_runtime, teardown_runtime
+from nanochat.runtime import print0, setup_runtime, teardown_runtime, torchrun_ranks
 from nanochat.tokenizer import load_token_bytes
 
 EVAL_BUNDLE_DIR = "eval_bundle"
@@ -83,7 +83,7 @@ def main(config: BaseEvalConfig) -> int:
     load_token_bytes(tokenizer_dir(root))
     inputs = evaluation_inputs(config, [*model_files(directory, step, root), *train_files, *val_files,
                                         *([bundle] if bundle is not None else [])], checkpoint=f"{tag} step {step}",
-                               processes=int(os.environ.get("WORLD_SIZE", "1")))  # ranks split the documents
+                               processes=torchrun_ranks(os.environ)[2])  # ranks split the documents
     if not config.force and already_evaluated("base_eval", inputs, f"{tag} step {step} with these settings", root):
         return EXIT_OK
     try:

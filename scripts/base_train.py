@@ -32,7 +32,7 @@ from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, data_dir, tokenizer_dir
 from nanochat.precision import apply_precision, autocast_precision
 from nanochat.report import write_section
-from nanochat.runtime import print0, setup_runtime, teardown_runtime, warn0
+from nanochat.runtime import print0, setup_runtime, teardown_runtime, torchrun_ranks, warn0
 from nanochat.scaling import derive
 from nanochat.schedule import LRSchedule, muon_momentum
 from nanochat.step_loop import (
@@ -125,7 +125,7 @@ def main(config: BaseTrainConfig) -> int:
     val_files = split_shards(data_dir(), "val")
     if config.device_type in ("auto", "cuda") and torch.cuda.is_available():
         # before the first CUDA allocation: the allocator reads PYTORCH_ALLOC_CONF when it starts
-        apply_site_fixes(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))))
+        apply_site_fixes(torch.cuda.get_device_properties(torchrun_ranks(os.environ)[1]))
     try:
         runtime = setup_runtime(config.device_type, seed=config.seed, precision=autocast_precision(config.precision))
     except ValueError as exc:

@@ -45,7 +45,7 @@ from nanochat.kernels import isolate_liger_from_compile
 from nanochat.matmul_floor import matmul_floor
 from nanochat.precision import apply_precision, autocast_precision
 from nanochat.profiling import profile_steps
-from nanochat.runtime import print0, setup_runtime, teardown_runtime
+from nanochat.runtime import print0, setup_runtime, teardown_runtime, torchrun_ranks
 from nanochat.scaling import derive
 
 MATMUL_SIZE = 8192
@@ -355,7 +355,7 @@ def _table(results: list[dict]) -> list[str]:
 def main(config: BenchTrainConfig) -> int:
     configs = expand_configs(config)
     if config.device_type in ("auto", "cuda") and torch.cuda.is_available():
-        apply_site_fixes(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))))
+        apply_site_fixes(torch.cuda.get_device_properties(torchrun_ranks(os.environ)[1]))
     try:
         runtime = setup_runtime(config.device_type, seed=config.seed, precision=autocast_precision(config.precision))
     except ValueError as exc:

@@ -4,13 +4,32 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat.runtime import process_group_options
+from nanochat.configargs import UsageError
+from nanochat.runtime import process_group_options, torchrun_ranks
 
 
 class FakeNCCL:
     class Options:
         def __init__(self, is_high_priority_stream: bool = False):
             self.is_high_priority_stream = is_high_priority_stream
+
+
+def test_torchrun_ranks_default_to_one_process():
+    assert torchrun_ranks({}) == (0, 0, 1)
+    assert torchrun_ranks({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == (3, 1, 4)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not a whole number"),
+    ({"RANK": ""}, "RANK='' is not a whole number"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is not a whole number >= 0"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a whole number >= 1"),
+    ({"RANK": "1"}, "RANK=1 is not below WORLD_SIZE=1"),
+])
+def test_garbage_torchrun_variables_name_the_variable_and_the_fix(environ, message):
+    with pytest.raises(UsageError) as caught:
+        torchrun_ranks(environ)
+    assert str(caught.value).startswith(message) and "unset" in str(caught.value)
 
 
 def test_gloo_gets_no_extra_arguments():
