@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nanochat.configargs import UsageError
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
 
@@ -93,7 +97,7 @@ def read_meta(directory: Path, step: int) -> dict | None:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    files = meta.get("files")
+    files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or meta.get("step") != step:
         return None
     for name, size in files.items():
@@ -123,11 +127,24 @@ def load_checkpoint(directory: Path, step: int, device: torch.device | str, rank
     meta = read_meta(directory, step)
     if meta is None:
         raise ValueError(f"no complete checkpoint at step {step} in {directory}")
-    model_state = torch.load(model_path(directory, step), map_location=device, weights_only=True)
+    model_state = _load(model_path(directory, step), meta_path(directory, step), device, weights_only=True)
     optim_state = None
     if load_optimizer:
-        optim_state = torch.load(optim_path(directory, step, rank), map_location=device, weights_only=False)
+        optim_state = _load(optim_path(directory, step, rank), meta_path(directory, step), device, weights_only=False)
     return model_state, optim_state, meta
+
+
+def _load(path: Path, meta: Path, device: torch.device | str, weights_only: bool) -> Any:
+    """torch.load, with a file that has the recorded size but not a checkpoint's contents (zeroed by a crash,
+    damaged on disk) a UsageError naming it and the way back to the previous checkpoint."""
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, tarfile.TarError) as exc:
+        reason = str(exc).split("\n")[0].split(". ")[0] or type(exc).__name__  # torch's advice after it misleads
+        raise UsageError(f"{path} is not a readable checkpoint file ({reason}); delete {meta} to fall back to "
+                         "the checkpoint before it, or train again") from exc
 
 
 def remove_stale_temporaries(directory: Path) -> int:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat.configargs import UsageError
 
 
 def _save(directory, step, world_size=1):
@@ -58,6 +59,23 @@ def test_corrupt_meta_is_invisible(tmp_path):
     meta["step"] = 9
     ckpt.meta_path(tmp_path, 8).write_text(json.dumps(meta))
     assert ckpt.latest_complete_step(tmp_path) is None
+    _save(tmp_path, 9)
+    ckpt.meta_path(tmp_path, 9).write_text("[9]")  # JSON, but not a meta
+    assert ckpt.latest_complete_step(tmp_path) is None
+
+
+@pytest.mark.parametrize("damage", [lambda data: bytes(len(data)), lambda data: data[:100] + bytes(len(data) - 100)])
+@pytest.mark.parametrize("file", ["model", "optim"])
+def test_a_corrupt_file_of_the_right_size_is_named_with_the_fix(tmp_path, damage, file):
+    _save(tmp_path, 5)
+    _save(tmp_path, 10)
+    path = ckpt.model_path(tmp_path, 10) if file == "model" else ckpt.optim_path(tmp_path, 10, 0)
+    path.write_bytes(damage(path.read_bytes()))  # zeroed after a crash: the size still matches the meta
+    with pytest.raises(UsageError) as caught:
+        ckpt.load_checkpoint(tmp_path, 10, "cpu")
+    message = str(caught.value)
+    assert str(path) in message and "meta_000010.json" in message and "\n" not in message
+    assert ckpt.latest_complete_step(tmp_path) == 10  # nothing was deleted
 
 
 def test_stale_temporaries_and_pruning(tmp_path):
