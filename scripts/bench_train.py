@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal, get_type_hints
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -117,13 +117,20 @@ def expand_configs(base: BenchTrainConfig) -> list[BenchTrainConfig]:
             key, sep, value = item.partition("=")
             key = key.strip().replace("-", "_")
             require(sep == "=" and key in names, f"--configs: bad override {item!r}; use field=value with a flag name")
-            kind = hints[key]
+            kind, text = hints[key], value.strip()
             if kind is bool:
-                overrides[key] = value.strip().lower() in ("1", "true", "yes", "on")
+                require(text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"),
+                        f"--configs: {item}: expected true or false")
+                overrides[key] = text.lower() in ("1", "true", "yes", "on")
             elif kind is int:
-                overrides[key] = int(value)
+                try:
+                    overrides[key] = int(text)
+                except ValueError:
+                    raise UsageError(f"--configs: {item}: expected an int") from None
             else:
-                overrides[key] = value.strip()
+                choices = get_args(kind) if get_origin(kind) is Literal else ()
+                require(not choices or text in choices, f"--configs: {item}: expected one of {', '.join(choices)}")
+                overrides[key] = text
         result.append(dataclasses.replace(base, configs="", **overrides))
     return result
 

@@ -34,7 +34,11 @@ def test_bench_train_reports_each_configuration_with_losses_and_kernels(capsys):
 
 
 @pytest.mark.parametrize("flag,message", [(["--window-pattern", "SX"], "--window-pattern"),
-                                          (["--configs", "depth20"], "--configs: bad override")])
+                                          (["--configs", "depth20"], "--configs: bad override"),
+                                          (["--configs", "depth=x"], "--configs: depth=x: expected an int"),
+                                          (["--configs", "compile=maybe"], "--configs: compile=maybe: expected"),
+                                          (["--configs", "kernel=foo"], "--configs: kernel=foo: expected one of "
+                                                                        "native, liger")])
 def test_bench_train_bad_flags_exit_2(flag, message, capsys):
     assert bench_train.cli(TINY + flag) == 2
     assert message in capsys.readouterr().err
