@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
@@ -32,6 +33,14 @@ class UsageError(ValueError):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise UsageError(message)
+
+
+def require_appendable(path: str, flag: str) -> None:
+    """A flag naming a file that results are appended to must name a file in an existing folder, so a bad
+    path fails before the work whose results it would receive."""
+    target = Path(path)
+    require(not target.is_dir(), f"{flag} {path} is a folder; name a file to append to")
+    require(target.parent.is_dir(), f"{flag} {path}: the folder {target.parent} does not exist; create it first")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -105,6 +114,6 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_RESUMABLE", "EXIT_INTERRUPTED", "UsageError",
-    "require",
+    "require", "require_appendable",
     "build_parser", "parse_config", "run_stage", "config_to_dict", "typing",
 ]

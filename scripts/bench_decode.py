@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
+from nanochat.configargs import EXIT_OK, UsageError, require, require_appendable, run_stage
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.runtime import resolve_device_type
@@ -86,6 +86,8 @@ class BenchDecodeConfig:
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
                 f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
+        if self.out:
+            require_appendable(self.out, "--out")
         try:
             sizes = [int(size) for size in self.batch_sizes.split(",")]
         except ValueError:

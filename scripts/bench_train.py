@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention_kernels import resolve_window_kernel
-from nanochat.configargs import EXIT_OK, UsageError, require, run_stage
+from nanochat.configargs import EXIT_OK, UsageError, require, require_appendable, run_stage
 from nanochat.gpt import GPT
 from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
@@ -96,6 +96,8 @@ class BenchTrainConfig:
         require(self.window_pattern != "" and set(self.window_pattern) <= {"S", "L"},
                 f"--window-pattern must be made of S and L, got {self.window_pattern!r}")
         autocast_precision(self.precision)
+        if self.out:
+            require_appendable(self.out, "--out")
         require(not self.matmul_floor or self.precision in ("bf16", "fp32"),
                 f"--matmul-floor times bf16 or fp32 products, not {self.precision}: drop it or use --precision bf16")
 

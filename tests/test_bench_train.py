@@ -44,6 +44,14 @@ def test_bench_train_bad_flags_exit_2(flag, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_train_refuses_an_out_it_cannot_append_to_before_measuring(tmp_path, capsys):
+    assert bench_train.cli(TINY + ["--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    assert bench_train.cli(TINY + ["--out", str(tmp_path / "missing" / "b.jsonl")]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'missing'} does not exist" in captured.err and "tok_per_s" not in captured.out
+
+
 def test_profile_steps_ranks_operators_by_time_per_step():
     matrix = torch.randn(256, 256)
     table = profile_steps(lambda: (matrix @ matrix).relu(), 4, "cpu")

@@ -350,6 +350,8 @@ def test_bench_decode_cpu_path(capsys):
         assert result["decode_path"] == expected_path
     assert "decode='graph' is unavailable" in captured.err
     assert bench_decode.cli(["--mode", "eager,warp"]) == 2
+    assert bench_decode.cli(["--out", "/"]) == 2
+    assert "--out / is a folder" in capsys.readouterr().err
     assert bench_decode.cli(["--dtype", "bf16", "--device-type", "cpu"]) == 2
     assert "--dtype bf16 decodes under CUDA's autocast; on cpu use --dtype fp32" in capsys.readouterr().err
 
