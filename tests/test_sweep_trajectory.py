@@ -48,6 +48,12 @@ def test_only_a_missing_empty_or_header_first_file_is_taken_as_a_trajectory(tmp_
             check_is_trajectory(path)
 
 
+def test_a_folder_given_as_the_trajectory_is_a_usage_error(tmp_path):
+    for check in (read_events, check_is_trajectory):
+        with pytest.raises(UsageError, match=f"{tmp_path} is a folder; name the trajectory file"):
+            check(tmp_path)
+
+
 def test_a_candidate_record_is_written_once(tmp_path):
     path = tmp_path / "t.jsonl"
     assert append_event(path, evaluated("abc", 1.5))

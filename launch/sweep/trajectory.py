@@ -67,7 +67,13 @@ def parse_lines(data: bytes) -> list[dict[str, Any]]:
     return events
 
 
+def _not_a_folder(path: Path) -> None:
+    if Path(path).is_dir():
+        raise UsageError(f"{path} is a folder; name the trajectory file (e.g. {Path(path) / 'trajectory.jsonl'})")
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
+    _not_a_folder(path)
     try:
         return parse_lines(Path(path).read_bytes())
     except FileNotFoundError:
@@ -97,6 +103,7 @@ def _read_all(fd: int) -> bytes:
 def check_is_trajectory(path: Path) -> None:
     """UsageError unless `path` is missing, empty or starts with a sweep header line (or a torn one): a sweep
     must never cut or append to someone else's file given as --out."""
+    _not_a_folder(path)
     try:
         with open(path, "rb") as handle:
             first = handle.readline(1 << 20)
