@@ -9,10 +9,12 @@ import textwrap
 
 import pytest
 
+from launch.sweep.cli import report_main
 from launch.sweep.report import device_hours, estimate_cost, ranked_table, write_report
 from launch.sweep.trajectory import SweepLock, append_event, check_is_trajectory, read_events, repair
 from launch.sweep.worker import loss_spike, stress_flags
 from nanochat.configargs import UsageError
+from tests.conftest import REPO
 
 
 def evaluated(cid, bpb, wall=3600.0, tps=1000.0, steps=10, phase=1, diverged=False):
@@ -99,6 +101,22 @@ def test_phase2_flags_late_divergence_and_regression():
     assert "worse than phase 1" in stress_flags({"val_bpb": 2.1}, extra)[0]
     assert "late divergence" in stress_flags({"val_bpb": None, "diverged": True, "divergence": "nan"}, extra)[0]
     assert stress_flags({"val_bpb": 2.1}, {}) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top", "0"], "--top must be at least 1, got 0"),
+    (["--top", "-1"], "--top must be at least 1, got -1"),
+    (["--price-per-gpu-hour", "-2"], "--price-per-gpu-hour must be a finite number >= 0, got -2.0"),
+    (["--price-per-gpu-hour", "nan"], "--price-per-gpu-hour must be a finite number >= 0, got nan"),
+    (["--target-tokens", "inf"], "--target-tokens must be a finite number > 0, got inf"),
+    (["--target-tokens", "0"], "--target-tokens must be a finite number > 0, got 0.0"),
+])
+def test_sweep_report_refuses_bad_numbers_before_writing(tmp_path, capsys, argv, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"event": "header", "phase": 1}) + "\n" + json.dumps(evaluated("a", 1.5)) + "\n")
+    assert report_main([str(path), *argv], REPO, environ={}) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]
 
 
 def test_cost_arithmetic_and_ranking(tmp_path):

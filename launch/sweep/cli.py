@@ -8,6 +8,7 @@ array task ended without recording its candidate (rerun the same command to resu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -197,6 +198,12 @@ def report_main(argv: Sequence[str], repo_root: Path, environ: Mapping[str, str]
         from launch.sweep import report
         from launch.sweep.trajectory import read_events
 
+        _positive("--top", args.top)
+        price, tokens = args.price_per_gpu_hour, args.target_tokens
+        if price is not None and not (math.isfinite(price) and price >= 0):
+            raise UsageError(f"--price-per-gpu-hour must be a finite number >= 0, got {price}")
+        if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
+            raise UsageError(f"--target-tokens must be a finite number > 0, got {tokens}")
         if args.trajectory.suffix in (".md", ".png"):
             raise UsageError(f"the report is written next to the trajectory as {args.trajectory.stem}.md and .png, "
                              f"which would overwrite {args.trajectory}: name the trajectory *.jsonl")
