@@ -9,6 +9,7 @@ before a plain `sbatch` applies them as well. `ENV` keys are exported to every s
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 from nanochat.configargs import UsageError
@@ -45,9 +46,12 @@ class Key:
                 if lowered not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(text)
                 return lowered in ("1", "true", "yes")
-            return self.kind(text)
+            value = self.kind(text)
         except ValueError:
             raise UsageError(f"{self.name}={text!r} in {origin}: expected {self.kind.__name__}") from None
+        if self.kind is float and not math.isfinite(value):
+            raise UsageError(f"{self.name}={text!r} in {origin}: expected a finite number")
+        return value
 
 
 KEYS: tuple[Key, ...] = (

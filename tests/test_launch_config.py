@@ -118,6 +118,13 @@ def test_bad_values_are_usage_errors(repo):
 
 
 
+@pytest.mark.parametrize("key, value", [("TARGET_PARAM_DATA_RATIO", "inf"), ("DEMO_MEGABYTES", "inf"),
+                                        ("PRICE_PER_GPU_HOUR", "nan"), ("GPU_MEMORY_GB", "-inf")])
+def test_a_float_setting_must_be_a_finite_number(repo, key, value):
+    with pytest.raises(UsageError, match=f"{key}='{value}' in cli: expected a finite number"):
+        resolve(repo, "cpu", {key: value})
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("BASE_ITERATIONS", "0", r"BASE_ITERATIONS \(--num-iterations\) must be positive or -1, got 0"),
     ("MID_ITERATIONS", "-5", r"MID_ITERATIONS \(--mid-iterations\) must be positive or -1, got -5"),
