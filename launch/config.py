@@ -24,6 +24,8 @@ from nanochat.configargs import UsageError, require
 from nanochat.paths import expand_path
 
 SMALL_GPU_GB = 40
+MIN_VOCAB_SIZE = 265  # nanochat.tokenizer.MIN_VOCAB_SIZE (256 bytes + special tokens); importing it pulls in torch
+MAX_DEMO_MEGABYTES = 10_000  # the most demo_data writes
 SOURCE_DEFAULT = "default"
 SOURCE_CLI = "cli"
 SOURCE_PROBE = "nvidia-smi"
@@ -143,7 +145,11 @@ class RunSettings:
             require(getattr(self, name) >= 1, f"{name.upper()} must be >= 1, got {getattr(self, name)}")
         require(set(self.window_pattern) <= {"S", "L"} and self.window_pattern != "",
                 f"WINDOW_PATTERN={self.window_pattern!r}: use letters S (sliding) and L (full), e.g. SSSL")
-        require(self.demo_megabytes > 0, "DEMO_MEGABYTES must be > 0")
+        require(self.vocab_size >= MIN_VOCAB_SIZE, f"{_key_and_flag('vocab_size')} must be at least {MIN_VOCAB_SIZE} "
+                                                   f"(256 bytes + special tokens), got {self.vocab_size}")
+        require(0 < self.demo_megabytes <= MAX_DEMO_MEGABYTES,
+                f"{_key_and_flag('demo_megabytes')} must be in (0, {MAX_DEMO_MEGABYTES}], got {self.demo_megabytes:g}")
+        require(self.seed >= 0, f"{_key_and_flag('seed')} must be zero or positive, got {self.seed}")
         # unset (None) leaves the stage default; anything else must be a value the stage accepts
         for name in ("base_iterations", "mid_iterations", "sft_iterations", "rl_iterations", "eval_max_per_task",
                      "finetune_eval_every"):

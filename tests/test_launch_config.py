@@ -135,11 +135,25 @@ def test_a_float_setting_must_be_a_finite_number(repo, key, value):
     ("CHAT_MAX_NEW_TOKENS", "0", "CHAT_MAX_NEW_TOKENS"), ("TOKENIZER_MAX_CHARS", "0", "TOKENIZER_MAX_CHARS"),
     ("ASPECT_RATIO", "0", "ASPECT_RATIO"), ("HEAD_DIM", "-64", "HEAD_DIM"),
     ("TARGET_PARAM_DATA_RATIO", "0", "TARGET_PARAM_DATA_RATIO"),
+    ("VOCAB_SIZE", "264", r"VOCAB_SIZE \(--vocab-size\) must be at least 265 \(256 bytes \+ special tokens\), got 264"),
+    ("SEED", "-1", r"SEED \(--seed\) must be zero or positive, got -1"),
+    ("DEMO_MEGABYTES", "10001", r"DEMO_MEGABYTES \(--pretrain-megabytes\) must be in \(0, 10000\], got 10001"),
 ])
 def test_values_the_stages_would_refuse_are_refused_before_launch(repo, key, value, message):
     """A value a stage rejects must fail at launch, not after earlier stages ran (or a SLURM job queued)."""
     with pytest.raises(UsageError, match=message):
         resolve(repo, "a100-slurm", {key: value})
+
+
+def test_the_launchers_limits_are_the_stages_own():
+    from launch import config
+    from nanochat.demo_data import DemoCorpusConfig
+    from nanochat.tokenizer import MIN_VOCAB_SIZE
+
+    assert config.MIN_VOCAB_SIZE == MIN_VOCAB_SIZE
+    DemoCorpusConfig(pretrain_megabytes=config.MAX_DEMO_MEGABYTES)
+    with pytest.raises(UsageError, match="--pretrain-megabytes"):
+        DemoCorpusConfig(pretrain_megabytes=config.MAX_DEMO_MEGABYTES * 1.001)
 
 
 def test_minus_one_still_means_the_stage_derives_the_count(repo):
