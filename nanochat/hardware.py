@@ -6,8 +6,11 @@ driver; an unknown accelerator yields None, and the caller says so loudly instea
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+
+from nanochat.configargs import UsageError
 
 # (substring of the device name, peak bf16 FLOP/s, peak fp8 FLOP/s or None), most specific first.
 _PEAKS: tuple[tuple[str, float, float | None], ...] = (
@@ -50,7 +53,14 @@ def peak_flops(device_name: str, precision: str = "bf16") -> PeakFlops | None:
     $NANOCHAT_PEAK_FLOPS overrides the table (read at call time)."""
     override = os.environ.get("NANOCHAT_PEAK_FLOPS")
     if override:
-        return PeakFlops(float(override), "NANOCHAT_PEAK_FLOPS")
+        try:
+            flops = float(override)
+        except ValueError:
+            flops = math.nan
+        if not (math.isfinite(flops) and flops > 0):
+            raise UsageError(f"NANOCHAT_PEAK_FLOPS={override!r} is not a positive number of FLOP/s; set it to the "
+                             "card's dense bf16 peak (e.g. 989e12) or unset it")
+        return PeakFlops(flops, "NANOCHAT_PEAK_FLOPS")
     name = device_name.upper()
     if precision == "nvfp4":
         for key, nvfp4 in _NVFP4_PEAKS:

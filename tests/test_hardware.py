@@ -1,5 +1,8 @@
 """Peak FLOP/s lookup for MFU."""
 
+import pytest
+
+from nanochat.configargs import UsageError
 from nanochat.hardware import peak_flops
 
 
@@ -21,3 +24,10 @@ def test_unknown_device_and_override(monkeypatch):
     monkeypatch.setenv("NANOCHAT_PEAK_FLOPS", "1.5e14")
     peak = peak_flops("Some Future GPU")
     assert peak.flops == 1.5e14 and peak.source == "NANOCHAT_PEAK_FLOPS"
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-1e14", "inf", "nan"])
+def test_an_override_that_is_not_a_positive_number_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("NANOCHAT_PEAK_FLOPS", value)
+    with pytest.raises(UsageError, match=f"NANOCHAT_PEAK_FLOPS='{value}' is not a positive number of FLOP/s"):
+        peak_flops("NVIDIA H100 80GB HBM3")
