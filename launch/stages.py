@@ -94,17 +94,19 @@ def default_pipeline(data: str) -> list[str]:
 
 def select_stages(data: str, names: str | None = None, start: str | None = None) -> list[str]:
     """Stages to run, in pipeline order: `names` ("a,b,c"), or the default pipeline from `start` on."""
-    if names and start:
+    if names is not None and start is not None:
         raise UsageError("use either --stages or --from, not both")
-    if names:
+    if names is not None:
         requested = [name.strip() for name in names.split(",") if name.strip()]
+        if not requested:
+            raise UsageError(f"--stages {names!r} names no stage; valid stages: {', '.join(STAGE_NAMES)}")
         for name in requested:
             _check_name(name)
             if data == "real" and STAGES_BY_NAME[name].demo_only:
                 raise UsageError(f"stage {name} writes the demo corpus; it needs --data demo")
         return [name for name in STAGE_NAMES if name in requested]
     pipeline = default_pipeline(data)
-    if start:
+    if start is not None:
         _check_name(start)
         if start not in pipeline:
             raise UsageError(f"stage {start} is not in the {data}-data pipeline ({', '.join(pipeline)}); "

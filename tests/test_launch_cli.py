@@ -84,6 +84,13 @@ def test_stage_selection():
         select_stages("real", names="demo_data")
 
 
+@pytest.mark.parametrize("names, start", [("", None), (",", None), (" , ", None), (None, "")])
+def test_an_empty_stage_list_is_refused_not_read_as_the_whole_pipeline(names, start):
+    # `--stages "$STAGES"` with STAGES unset must not run (or submit) every stage, nor none
+    with pytest.raises(UsageError, match="valid stages: demo_data, tok_train"):
+        select_stages("demo", names=names, start=start)
+
+
 def test_dry_run_cpu_plain_python(repo, tmp_path, capsys):
     assert launch(repo, tmp_path / "cache", "--site", "cpu", "--dry-run") == 0
     out = capsys.readouterr().out
