@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -89,8 +90,26 @@ def shard_fingerprint(shards: Sequence[Path]) -> str:
     return hashlib.sha256("\n".join(Path(p).name for p in shards).encode()).hexdigest()
 
 
-def _read_texts(shard: Path, row_group: int) -> list[str]:
-    table = pq.ParquetFile(shard).read_row_group(row_group, columns=[TEXT_COLUMN])
+def _unreadable(shard: Path, exc: Exception) -> UsageError:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return UsageError(f"{shard} is not a readable parquet shard ({reason}); delete it and fetch it again: "
+                      "`bash scripts/download_data.sh`, or `python -m scripts.demo_data --force` for the demo corpus")
+
+
+def parquet_shard(shard: Path) -> pq.ParquetFile:
+    """The shard opened for reading; a file that is not parquet (cut short, zeroed) is a UsageError naming it."""
+    try:
+        return pq.ParquetFile(shard)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(shard, exc) from exc
+
+
+def read_texts(shard: Path, row_group: int) -> list[str]:
+    """The `text` column of one row group of the shard (a damaged one is a UsageError naming it)."""
+    try:
+        table = parquet_shard(shard).read_row_group(row_group, columns=[TEXT_COLUMN])
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(shard, exc) from exc
     return table.column(TEXT_COLUMN).to_pylist()
 
 
@@ -102,13 +121,13 @@ def iter_documents(shards: Sequence[Path], rank: int, world_size: int,
         from_epoch_start = (shard, row_group, row) == (0, 0, 0)
         found = False
         while shard < len(shards):
-            num_row_groups = pq.ParquetFile(shards[shard]).num_row_groups
+            num_row_groups = parquet_shard(shards[shard]).num_row_groups
             if row > 0 and row_group >= num_row_groups:
                 raise ValueError(f"loader cursor points at row group {row_group} of {shards[shard]}, "
                                  f"which has {num_row_groups}; was the data regenerated?")
             while row_group < num_row_groups:
                 if global_row_group % world_size == rank:
-                    texts = _read_texts(shards[shard], row_group)
+                    texts = read_texts(shards[shard], row_group)
                     if row > len(texts):
                         raise ValueError(f"loader cursor points at row {row} of row group {row_group} of "
                                          f"{shards[shard]}, which has {len(texts)}; was the data regenerated?")
@@ -134,11 +153,11 @@ def read_documents(shards: Sequence[Path], ids: Sequence[DocId]) -> list[str]:
             raise ValueError(f"loader state names shard {doc.shard}, but there are {len(shards)}")
         key = (doc.shard, doc.row_group)
         if key not in tables:
-            num_row_groups = pq.ParquetFile(shards[doc.shard]).num_row_groups
+            num_row_groups = parquet_shard(shards[doc.shard]).num_row_groups
             if not 0 <= doc.row_group < num_row_groups:
                 raise ValueError(f"loader state names row group {doc.row_group} of {shards[doc.shard]}, "
                                  f"which has {num_row_groups}; was the data regenerated?")
-            tables[key] = _read_texts(shards[doc.shard], doc.row_group)
+            tables[key] = read_texts(shards[doc.shard], doc.row_group)
         rows = tables[key]
         if not 0 <= doc.row < len(rows):
             raise ValueError(f"loader state names row {doc.row} of row group {doc.row_group} of "

@@ -18,12 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.configargs import UsageError
+from nanochat.dataloader import parquet_shard, read_texts
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
@@ -357,11 +357,11 @@ def iter_parquet_texts(shards: Sequence[Path], max_chars: int, doc_cap: int | No
     if remaining <= 0:
         return
     for shard in shards:
-        parquet = pq.ParquetFile(shard)
+        parquet = parquet_shard(shard)
         if "text" not in parquet.schema_arrow.names:
             raise UsageError(f"{shard} has no 'text' column; regenerate the data")
         for group in range(parquet.num_row_groups):
-            for text in parquet.read_row_group(group, columns=["text"]).column("text").to_pylist():
+            for text in read_texts(shard, group):
                 text = (text or "")[:doc_cap][:remaining]
                 if not text:
                     continue

@@ -15,6 +15,7 @@ import torch
 
 from nanochat.configargs import UsageError
 from nanochat.dataloader import Cursor, DocId, PackedTokenLoader, iter_documents, split_shards
+from nanochat.tokenizer import iter_parquet_texts
 
 BOS = 0
 TAG = re.compile(r"<(\d+),(\d+),(\d+)>")
@@ -248,6 +249,18 @@ def test_rank_without_row_groups_is_a_usage_error(tmp_path):
     with make_loader([shard], rank=2, world_size=3) as loader:
         with pytest.raises(UsageError, match="rank 2 of 3 gets no documents"):
             next(loader)
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[:len(data) // 2], lambda data: data[:4] + bytes(len(data) - 8) + data[-4:]])
+def test_an_unreadable_shard_is_a_usage_error_naming_it(tmp_path, damage):
+    good = write_shard(tmp_path / "shard_00000.parquet", ["one", "two", "three"], 2)
+    bad = write_shard(tmp_path / "shard_00001.parquet", ["four", "five"], 2)
+    bad.write_bytes(damage(bad.read_bytes()))  # cut by a full disk, or zeroed
+    with make_loader([bad, good]) as loader:
+        with pytest.raises(UsageError, match=f"^{bad} is not a readable parquet shard [^\\n]*delete it and fetch it"):
+            next(loader)
+    with pytest.raises(UsageError, match=f"{bad} is not a readable parquet shard"):
+        list(iter_parquet_texts([good, bad], max_chars=10**9))
 
 
 def test_close_stops_the_thread(shards):
