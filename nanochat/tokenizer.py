@@ -14,6 +14,7 @@ evaluation need them.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,10 @@ class Tokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise UsageError(f"no tokenizer at {path}; train one with `{TRAIN_COMMAND}`")
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise _damaged(path, exc) from exc
 
     def save(self, directory: Path | str) -> Path:
         """Write `directory/tokenizer.json` (via a temporary name, so readers never see half a file)."""
@@ -344,7 +348,16 @@ def load_token_bytes(directory: Path | str) -> torch.Tensor:
     path = Path(directory) / TOKEN_BYTES_FILE
     if not path.is_file():
         raise UsageError(f"no token byte lengths at {path}; train the tokenizer with `{TRAIN_COMMAND}`")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def _damaged(path: Path, exc: Exception) -> UsageError:
+    reason = " ".join(str(exc).split(". ")[0].split()) or type(exc).__name__
+    return UsageError(f"{path} is not readable ({reason}); restore it from a copy, or rebuild the tokenizer "
+                      f"with `{TRAIN_COMMAND} --force`")
 
 
 def iter_parquet_texts(shards: Sequence[Path], max_chars: int, doc_cap: int | None = None) -> Iterator[str]:

@@ -167,6 +167,19 @@ def test_load_missing_names_the_training_command(tmp_path):
         load_token_bytes(tmp_path)
 
 
+def test_a_damaged_tokenizer_file_is_named_with_the_command_that_rebuilds_it(tok, tmp_path):
+    tok.save(tmp_path)
+    torch.save(tok.token_bytes(), tmp_path / "token_bytes.pt")
+    for name, load in (("tokenizer.json", Tokenizer.load), ("token_bytes.pt", load_token_bytes)):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # cut short
+        with pytest.raises(UsageError) as caught:
+            load(tmp_path)
+        message = str(caught.value)
+        assert message.startswith(f"{path} is not readable") and "python -m scripts.tok_train --force" in message
+        assert "\n" not in message
+
+
 def test_train_rejects_bad_sizes():
     with pytest.raises(ValueError, match="at least"):
         train_tokenizer(["some text"], vocab_size=100)
