@@ -5,7 +5,8 @@ already evaluated that step), saves its final checkpoint and ends with 0 after t
 with 75 when a stop signal arrived, and saves every `save_every` steps in between; a step whose loss is not
 finite ends the run with 3 and keeps the last good checkpoint. `run_steps` is that policy; a stage supplies
 what one step, one evaluation and one checkpoint are. `rng_and_optimizer_state` and
-`restore_rng_and_optimizer` are the part of a checkpoint every stage writes and reads the same way.
+`restore_rng_and_optimizer` are the part of a checkpoint every stage writes and reads the same way;
+`require_same_run` refuses to resume a checkpoint whose run was trained with other settings.
 
 `LossReadback` lets a stage read a step's loss (with any counts, and the duration) one step late on CUDA:
 the next step's work is already queued when the host waits for the numbers, so the GPU never idles between
@@ -16,13 +17,15 @@ every finished step.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE
+from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError
 from nanochat.host_value import HostValue
 from nanochat.runtime import Runtime
 from nanochat.stopping import StopRequest
@@ -133,3 +136,17 @@ def restore_rng_and_optimizer(optimizer: torch.optim.Optimizer, state: dict, run
     torch.set_rng_state(state["rng_cpu"])
     if runtime.device_type == "cuda":
         torch.cuda.set_rng_state(state["rng_cuda"].cpu(), runtime.device)
+
+
+def require_same_run(meta: dict, settings: dict[str, Any], where: str) -> None:
+    """UsageError (one line) unless the checkpoint `meta` (at `where`) was trained with these `settings`: what
+    decides the run's trajectory (its steps, batch, learning rates, data), recorded in the meta as
+    `run_settings`. Resuming with others would silently continue a different run (a shorter one never ends)."""
+    saved = meta.get("run_settings", {})
+    current = json.loads(json.dumps(settings))
+    differ = [name for name, value in current.items() if name in saved and saved[name] != value]
+    if differ:
+        flags = [f"--{name.replace('_', '-')}" for name in differ]
+        raise UsageError(f"{where} was trained with {' '.join(f'{f} {saved[n]}' for f, n in zip(flags, differ))}, "
+                         f"not {' '.join(f'{f} {current[n]}' for f, n in zip(flags, differ))}; pass those to "
+                         "resume it, or start over with --force or another --model-tag")

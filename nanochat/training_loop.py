@@ -38,6 +38,7 @@ from nanochat.schedule import LRSchedule, muon_momentum
 from nanochat.step_loop import (
     LossReadback,
     StepSchedule,
+    require_same_run,
     restore_rng_and_optimizer,
     rng_and_optimizer_state,
     run_steps,
@@ -148,6 +149,7 @@ class FinetuneJob:
     make_feed: Callable[[dict[str, Any] | None], TrainFeed]  # saved position (or None) -> this rank's feed
     val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # same batches on every call
     dynamic_shapes: bool  # whether batch widths vary (padded rows): compile accordingly
+    run_settings: dict[str, Any]  # what else decides the run (batch, data): a resume must match it
     report_extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -194,6 +196,11 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
     meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
     source_meta = dataclasses.asdict(job.source) | {"directory": str(job.source.directory)}
+    run_settings = {"num_iterations": job.num_iterations, "lr_scale": config.lr_scale,
+                    "warmup_ratio": config.warmup_ratio, "warmdown_ratio": config.warmdown_ratio,
+                    "final_lr_frac": config.final_lr_frac, **config.optimizer_kwargs(),
+                    "identity_file": config.identity_file, "identity_epochs": config.identity_epochs,
+                    "mixture_seed": config.mixture_seed, **job.run_settings}
     if meta is not None:
         require(meta["world_size"] == runtime.world_size,
                 f"the checkpoint at step {start_step} in {out_dir} was written by {meta['world_size']} processes; "
@@ -201,6 +208,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
         require(meta["source"]["step"] == job.source.step and meta["source"]["phase"] == job.source.phase,
                 f"the checkpoint in {out_dir} continues {meta['source']['phase']} step {meta['source']['step']}, "
                 f"not {job.source.phase} step {job.source.step}; pass --force to start over")
+        require_same_run(meta, run_settings, f"the checkpoint at step {start_step} in {out_dir}")
 
     if meta is None:
         model_state, _, _ = ckpt.load_checkpoint(job.source.directory, job.source.step, device, load_optimizer=False)
@@ -247,7 +255,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     def save(step: int, finished: bool) -> None:
         optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(job.model_config), "user_config": dataclasses.asdict(config),
-                    "source": source_meta, "num_iterations": job.num_iterations,
+                    "source": source_meta, "num_iterations": job.num_iterations, "run_settings": run_settings,
                     "loader_states": _gather(feed.state_dict(), runtime), "loop_state": {**loop, "step": step},
                     "finished": finished}
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), optim_out, meta_out, rank=runtime.rank,

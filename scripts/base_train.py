@@ -38,6 +38,7 @@ from nanochat.schedule import LRSchedule, muon_momentum
 from nanochat.step_loop import (
     LossReadback,
     StepSchedule,
+    require_same_run,
     restore_rng_and_optimizer,
     rng_and_optimizer_state,
     run_steps,
@@ -149,6 +150,9 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     for line in hp.describe():
         print0(runtime, line)
 
+    run_settings = {"num_iterations": hp.num_iterations, "total_batch_size": hp.total_batch_size,
+                    "warmup_ratio": config.warmup_ratio, "warmdown_ratio": config.warmdown_ratio,
+                    "final_lr_frac": config.final_lr_frac, **config.optimizer_kwargs()}
     device = runtime.device
     out_dir = checkpoint_dir("base", config.model_tag)
     if runtime.is_master:
@@ -166,6 +170,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
                 f"the same number (now {runtime.world_size}) or start a new --model-tag")
         require(meta["model_config"] == dataclasses.asdict(hp.model_config),
                 f"the checkpoint in {out_dir} is for a different model; use another --model-tag or --force")
+        require_same_run(meta, run_settings, f"the checkpoint at step {start_step} in {out_dir}")
 
     with torch.device("meta"):
         model = GPT(hp.model_config)
@@ -247,7 +252,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
             dist.all_gather_object(all_loader_states, loader.state_dict())
         optim_state = {**rng_and_optimizer_state(optimizer, runtime), "train_counts": train_counts.cpu()}
         meta_out = {"model_config": dataclasses.asdict(hp.model_config), "user_config": dataclasses.asdict(config),
-                    "num_iterations": hp.num_iterations, "loader_states": all_loader_states,
+                    "num_iterations": hp.num_iterations, "run_settings": run_settings,
+                    "loader_states": all_loader_states,
                     "loop_state": {**loop, "step": step}, "finished": finished}
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), optim_state, meta_out, rank=runtime.rank,
                              world_size=runtime.world_size, barrier=runtime.barrier,

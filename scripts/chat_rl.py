@@ -38,7 +38,13 @@ from nanochat.optim import OptimizerFlags
 from nanochat.paths import base_dir, checkpoint_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.runtime import print0, print0_before_setup, setup_runtime, teardown_runtime
-from nanochat.step_loop import StepSchedule, restore_rng_and_optimizer, rng_and_optimizer_state, run_steps
+from nanochat.step_loop import (
+    StepSchedule,
+    require_same_run,
+    restore_rng_and_optimizer,
+    rng_and_optimizer_state,
+    run_steps,
+)
 from nanochat.stopping import StopRequest
 from nanochat.tasks import GSM8K, require_available
 from nanochat.tasks.gsm8k import final_number
@@ -189,6 +195,12 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
     meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
     source_meta = {"phase": source.phase, "tag": source.tag, "step": source.step, "directory": str(source.directory)}
+    problems = len(train_task)
+    num_iterations = config.num_iterations if config.num_iterations > 0 else max(1, problems // config.examples_per_step)
+    run_settings = {"num_iterations": num_iterations, "examples_per_step": config.examples_per_step,
+                    "num_samples": config.num_samples, "max_new_tokens": config.max_new_tokens,
+                    "temperature": config.temperature, "top_k": config.top_k, "init_lr_frac": config.init_lr_frac,
+                    "seed": config.seed, **config.optimizer_kwargs()}
     if meta is not None:
         require(meta["world_size"] == runtime.world_size,
                 f"the checkpoint at step {start_step} in {out_dir} was written by {meta['world_size']} processes; "
@@ -196,6 +208,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
         require(meta["source"]["step"] == source.step,
                 f"the checkpoint in {out_dir} continues SFT step {meta['source']['step']}, not {source.step}; "
                 "pass --force to start over")
+        require_same_run(meta, run_settings, f"the checkpoint at step {start_step} in {out_dir}")
         model_state, optim_state, meta = ckpt.load_checkpoint(out_dir, start_step, device, rank=runtime.rank)
     else:
         model_state, optim_state, _ = ckpt.load_checkpoint(source.directory, source.step, device,
@@ -218,8 +231,6 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     else:
         print0(runtime, f"starting from {source.phase} checkpoint {source.directory} step {source.step}")
 
-    problems = len(train_task)
-    num_iterations = config.num_iterations if config.num_iterations > 0 else max(1, problems // config.examples_per_step)
     order = list(range(problems))
     random.Random(config.seed).shuffle(order)
     engine = Engine(model, tokenizer, decode=batch_decode_path(device))
@@ -238,7 +249,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     def save(step: int, finished: bool) -> None:
         optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(model_config), "user_config": dataclasses.asdict(config),
-                    "source": source_meta, "num_iterations": num_iterations,
+                    "source": source_meta, "num_iterations": num_iterations, "run_settings": run_settings,
                     "loop_state": {**loop, "step": step}, "finished": finished}
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), optim_out, meta_out, rank=runtime.rank,
                              world_size=runtime.world_size, barrier=runtime.barrier,

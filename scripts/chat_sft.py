@@ -121,6 +121,9 @@ def main(config: ChatSFTConfig) -> int:
             val_batches=lambda: first_batches(PaddedChatLoader(val_task, tokenizer, config.device_batch_size,
                                                                seq_len, **loader_args), config.eval_batches),
             dynamic_shapes=True,
+            run_settings={"max_seq_len": seq_len, "examples_per_step": examples_per_step,
+                          "pretrain_mix": config.pretrain_mix, "smoltalk_limit": config.smoltalk_limit,
+                          "arc_epochs": config.arc_epochs, "gsm8k_epochs": config.gsm8k_epochs},
             report_extras={"train_conversations": len(train_mix), "max_seq_len": seq_len,
                            "examples_per_step": examples_per_step, "text_rows_per_batch": text_rows},
         )

@@ -95,6 +95,8 @@ def main(config: MidTrainConfig) -> int:
             val_batches=lambda: first_batches(PackedChatLoader(val_mix, tokenizer, B, seq_len, **loader_args),
                                               config.eval_batches),
             dynamic_shapes=False,
+            run_settings={"max_seq_len": seq_len, "total_batch_size": total, "smoltalk_limit": config.smoltalk_limit,
+                          "mmlu_epochs": config.mmlu_epochs, "gsm8k_epochs": config.gsm8k_epochs},
             report_extras={"train_conversations": len(train_mix), "max_seq_len": seq_len,
                            "total_batch_size": total},
         )

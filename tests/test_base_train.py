@@ -186,6 +186,26 @@ def test_divergence_exits_3_and_keeps_last_good_checkpoint(tiny_cache):
         assert all(math.isfinite(loss) for _, loss in meta["loop_state"]["loss_history"])
 
 
+def test_resume_with_other_training_settings_is_refused_in_one_line(tiny_cache):
+    args = [*TINY, "--num-iterations", "4", "--save-every", "2", "--no-save-final", "--model-tag", "changed"]
+    run_stage("base_train", *args, cache=tiny_cache)
+    directory = tiny_cache / "base_checkpoints" / "changed"
+    assert ckpt.complete_steps(directory) == [2]
+    # a shorter run resumed past its end used to train on forever with a negative learning rate
+    for changed, named in ((["--num-iterations", "1"], "--num-iterations 4"),
+                           (["--matrix-lr", "0.05"], "--matrix-lr 0.02"),
+                           (["--total-batch-size", "1024"], "--total-batch-size 512")):
+        proc = run_stage("base_train", *args, *changed, cache=tiny_cache, check=False, timeout=30)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--force" in lines[0], proc.stderr
+    assert ckpt.complete_steps(directory) == [2]
+    # what only changes how the same run is carried out resumes
+    proc = run_stage("base_train", *args, "--device-batch-size", "2", "--eval-every", "3", "--save-final",
+                     cache=tiny_cache)
+    assert f"resumed from {directory} at step 2" in proc.stdout
+    assert ckpt.read_meta(directory, 4)["finished"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--depth", "0"], "--depth must be a positive number of layers"),
     (["--device-batch-size", "3", "--total-batch-size", "1000"], "total_batch_size"),

@@ -327,6 +327,14 @@ def test_chat_rl_stage_runs_and_resumes_as_a_no_op(sft_cache):
     assert meta["finished"] and meta["model_config"]["n_layer"] == 2
     again = run_stage("chat_rl", *args, cache=sft_cache)
     assert "nothing to do" in again.stdout
+    # the same checkpoint seen as a stopped run: resuming it as a shorter run (which used to train on past its
+    # end with a negative learning rate) or with other samples is refused in one line
+    meta["finished"] = False
+    (sft_cache / "chatrl_checkpoints" / "d2" / "meta_000002.json").write_text(json.dumps(meta))
+    for changed, named in ((["--num-iterations", "1"], "--num-iterations 2"), (["--num-samples", "3"], "--num-samples 2")):
+        proc = run_stage("chat_rl", *args, *changed, cache=sft_cache, check=False, timeout=30)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--force" in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize("stage", ["chat_eval", "chat_rl"])

@@ -169,6 +169,24 @@ def test_mid_and_sft_end_to_end(tiny_cache):
     assert sorted(p.name for p in sft_dir.iterdir()) == before
 
 
+def test_resume_with_other_training_settings_is_refused_in_one_line(tiny_cache):
+    run_stage("base_train", *BASE, cache=tiny_cache)
+    mid = [*COMMON, "--num-iterations", "12", "--eval-every", "-1", "--total-batch-size", "512"]
+    _stop_with_signal(tiny_cache, "mid_train", mid, at_step=2)
+    directory = tiny_cache / "mid_checkpoints" / "d2"
+    stopped = ckpt.complete_steps(directory)
+    # a shorter run resumed past its end trained on forever; another mixture was a loader traceback
+    for changed, named in ((["--num-iterations", "1"], "--num-iterations 12"),
+                           (["--lr-scale", "2"], "--lr-scale 1.0"),
+                           (["--smoltalk-limit", "5"], "--smoltalk-limit None")):
+        proc = run_stage("mid_train", *mid, *changed, cache=tiny_cache, check=False, timeout=30)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--force" in lines[0], proc.stderr
+    assert ckpt.complete_steps(directory) == stopped
+    again = run_stage("mid_train", *mid, "--device-batch-size", "2", "--total-batch-size", "512", cache=tiny_cache)
+    assert f"resumed from {directory} at step {stopped[-1]}" in again.stdout
+
+
 def test_two_process_mid_train_sums_counts_over_ranks(tiny_cache):
     """torchrun with two CPU (gloo) workers: each step's token counts and loss are summed over both ranks."""
     run_stage("base_train", *BASE, cache=tiny_cache)
