@@ -240,7 +240,11 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     schedule = LRSchedule(job.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
     stop = StopRequest().install()
     wandb_run = start_tracking(config.run, runtime.is_master, dataclasses.asdict(config), job_type=job.stage)
-    feed = job.make_feed(feed_state)
+    try:
+        feed = job.make_feed(feed_state)
+    except ValueError as exc:  # the saved data position does not fit the data found now
+        raise UsageError(f"cannot resume the checkpoint at step {start_step} in {out_dir}: {exc} (or start over "
+                         "with --force)") from None
 
     def evaluate(step: int) -> None:
         model.eval()

@@ -214,8 +214,12 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     B, T = config.device_batch_size, config.max_seq_len
     # counted with index_add_, not torch.bincount, which reads the largest id back to the host every micro-step
     token_ones = torch.ones(B * T, dtype=torch.int64, device=device)
-    loader = PackedTokenLoader(train_files, tokenizer, B, T, rank=runtime.rank, world_size=runtime.world_size,
-                               device=device, tokenizer_threads=config.tokenizer_threads, state=loader_state)
+    try:
+        loader = PackedTokenLoader(train_files, tokenizer, B, T, rank=runtime.rank, world_size=runtime.world_size,
+                                   device=device, tokenizer_threads=config.tokenizer_threads, state=loader_state)
+    except ValueError as exc:  # the saved data position does not fit the shards found now
+        raise UsageError(f"cannot resume the checkpoint at step {start_step} in {out_dir}: {exc} (or start over "
+                         "with --force or another --model-tag)") from None
     schedule = LRSchedule(hp.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
     peak_precision = config.precision if config.precision in ("fp8", "nvfp4") else "bf16"
     peak = peak_flops(torch.cuda.get_device_name(device), peak_precision) if runtime.device_type == "cuda" else None

@@ -206,6 +206,17 @@ def test_resume_with_other_training_settings_is_refused_in_one_line(tiny_cache):
     assert ckpt.read_meta(directory, 4)["finished"]
 
 
+def test_resume_over_other_shards_is_refused_in_one_line(tiny_cache):
+    args = [*TINY, "--num-iterations", "4", "--save-every", "2", "--no-save-final", "--model-tag", "shards"]
+    run_stage("base_train", *args, cache=tiny_cache)
+    shards = split_shards(tiny_cache / "base_data", "train")
+    (tiny_cache / "base_data" / "shard_09999.parquet").write_bytes(shards[0].read_bytes())  # e.g. a later download
+    proc = run_stage("base_train", *args, cache=tiny_cache, check=False, timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "different shard list" in lines[0], proc.stderr
+    assert "--force" in lines[0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--depth", "0"], "--depth must be a positive number of layers"),
     (["--device-batch-size", "3", "--total-batch-size", "1000"], "total_batch_size"),

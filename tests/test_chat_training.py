@@ -183,6 +183,13 @@ def test_resume_with_other_training_settings_is_refused_in_one_line(tiny_cache):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--force" in lines[0], proc.stderr
     assert ckpt.complete_steps(directory) == stopped
+    identity = tiny_cache / "tasks" / "identity.jsonl"  # data that changed since (here one conversation more)
+    original = identity.read_text()
+    identity.write_text(original + original.splitlines(keepends=True)[0])
+    proc = run_stage("mid_train", *mid, cache=tiny_cache, check=False, timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot resume" in lines[0], proc.stderr
+    identity.write_text(original)
     again = run_stage("mid_train", *mid, "--device-batch-size", "2", "--total-batch-size", "512", cache=tiny_cache)
     assert f"resumed from {directory} at step {stopped[-1]}" in again.stdout
 
