@@ -22,6 +22,7 @@ import torch
 from nanochat.configargs import UsageError
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
+_STEP_RE = re.compile(r"^(?:meta|model|optim)_(\d+)[._]")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -162,11 +163,26 @@ def prune_checkpoints(directory: Path, keep: int) -> list[int]:
     """Keep the newest `keep` complete checkpoints (and any newer partial ones); delete older files."""
     steps = complete_steps(directory)
     doomed = steps[:-keep] if keep > 0 else []
-    for step in doomed:
-        meta_path(directory, step).unlink(missing_ok=True)
+    _delete(directory, doomed)
+    return doomed
+
+
+def remove_checkpoints(directory: Path) -> list[int]:
+    """Delete every checkpoint in `directory`, partial ones too (a run that starts over replaces them: left
+    there, a higher step of the old run would pass for the newest checkpoint); the complete steps removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = complete_steps(directory)
+    _delete(directory, sorted({int(m.group(1)) for p in directory.iterdir() if (m := _STEP_RE.match(p.name))}))
+    return steps
+
+
+def _delete(directory: Path, steps: list[int]) -> None:
+    for step in steps:
+        meta_path(directory, step).unlink(missing_ok=True)  # first: the checkpoint stops existing at once
         for p in Path(directory).glob(f"*_{step:06d}*.pt"):
             p.unlink(missing_ok=True)
-    return doomed
 
 
 def latest_tag(phase_dir: Path) -> str | None:

@@ -6,7 +6,8 @@ with 75 when a stop signal arrived, and saves every `save_every` steps in betwee
 finite ends the run with 3 and keeps the last good checkpoint. `run_steps` is that policy; a stage supplies
 what one step, one evaluation and one checkpoint are. `rng_and_optimizer_state` and
 `restore_rng_and_optimizer` are the part of a checkpoint every stage writes and reads the same way;
-`require_same_run` refuses to resume a checkpoint whose run was trained with other settings.
+`require_same_run` refuses to resume a checkpoint whose run was trained with other settings;
+`step_to_resume` and `start_over` decide between resuming and starting over (--force, --no-resume).
 
 `LossReadback` lets a stage read a step's loss (with any counts, and the duration) one step late on CUDA:
 the next step's work is already queued when the host waits for the numbers, so the GPU never idles between
@@ -21,13 +22,15 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanochat import checkpoint as ckpt
 from nanochat.configargs import EXIT_DIVERGED, EXIT_OK, EXIT_RESUMABLE, UsageError
 from nanochat.host_value import HostValue
-from nanochat.runtime import Runtime
+from nanochat.runtime import Runtime, print0
 from nanochat.stopping import StopRequest
 
 
@@ -150,3 +153,25 @@ def require_same_run(meta: dict, settings: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where} was trained with {' '.join(f'{f} {saved[n]}' for f, n in zip(flags, differ))}, "
                          f"not {' '.join(f'{f} {current[n]}' for f, n in zip(flags, differ))}; pass those to "
                          "resume it, or start over with --force or another --model-tag")
+
+
+def step_to_resume(directory: Path, user_config: dict[str, Any], resume: bool, force: bool) -> int | None:
+    """The latest complete checkpoint in `directory` to continue from, or None to start over (--no-resume).
+    --force starts over too, except from a stopped run of exactly this command (`user_config`), so that a
+    requeued --force job goes on where it stopped instead of starting over at every requeue."""
+    step = ckpt.latest_complete_step(directory) if resume else None
+    if step is None or not force:
+        return step
+    meta = ckpt.read_meta(directory, step)
+    same = json.loads(json.dumps(user_config, default=str)) == meta.get("user_config")
+    return step if same and not meta.get("finished") else None
+
+
+def start_over(directory: Path, runtime: Runtime) -> None:
+    """Remove the checkpoints of the run a new one replaces (rank 0, before the new one saves anything): left
+    there, the old run's higher steps would outrank the new run's checkpoints, and pruning would delete those."""
+    if runtime.is_master:
+        removed = ckpt.remove_checkpoints(directory)
+        if removed:
+            print0(runtime, f"starting over: removed the earlier run's checkpoints (steps {removed}) from {directory}")
+    runtime.barrier()

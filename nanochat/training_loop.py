@@ -42,6 +42,8 @@ from nanochat.step_loop import (
     restore_rng_and_optimizer,
     rng_and_optimizer_state,
     run_steps,
+    start_over,
+    step_to_resume,
 )
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import load_token_bytes
@@ -72,7 +74,8 @@ class FinetuneConfig(OptimizerFlags):
     mixture_seed: int = field(default=0, metadata={"help": "seed of the shuffled order of the training mixture"})
     run: str = field(default=TRACKING_OFF, metadata={"help": f"wandb run name; {TRACKING_OFF!r} keeps wandb off"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
-    force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
+    force: bool = field(default=False, metadata={
+        "help": "start this tag over, even if finished (the same command again resumes a stopped --force run)"})
     seed: int = 42
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -193,7 +196,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
     if runtime.is_master:
         ckpt.remove_stale_temporaries(out_dir)
     runtime.barrier()
-    start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
+    start_step = step_to_resume(out_dir, dataclasses.asdict(config), config.resume, config.force)
     meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
     source_meta = dataclasses.asdict(job.source) | {"directory": str(job.source.directory)}
     run_settings = {"num_iterations": job.num_iterations, "lr_scale": config.lr_scale,
@@ -309,6 +312,8 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
         pending.append((step, lr_mult))
         return readback.lagging or settle()
 
+    if meta is None:
+        start_over(out_dir, runtime)
     try:
         exit_code = run_steps(first_step, StepSchedule(job.num_iterations, config.eval_every, config.save_every),
                               stop, runtime, train_step=train_step, evaluate=evaluate, save=save,

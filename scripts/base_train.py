@@ -42,6 +42,8 @@ from nanochat.step_loop import (
     restore_rng_and_optimizer,
     rng_and_optimizer_state,
     run_steps,
+    start_over,
+    step_to_resume,
 )
 from nanochat.stopping import StopRequest
 from nanochat.tokenizer import Tokenizer, load_token_bytes
@@ -75,7 +77,8 @@ class BaseTrainConfig(OptimizerFlags):
     model_tag: str | None = field(default=None, metadata={"help": "checkpoint folder name (default d<depth>)"})
     run: str = field(default=TRACKING_OFF, metadata={"help": f"wandb run name; {TRACKING_OFF!r} keeps wandb off"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
-    force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
+    force: bool = field(default=False, metadata={
+        "help": "start this tag over, even if finished (the same command again resumes a stopped --force run)"})
     seed: int = 42
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32", "fp8", "nvfp4"] = field(default="auto", metadata={
@@ -158,7 +161,7 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
     if runtime.is_master:
         ckpt.remove_stale_temporaries(out_dir)
     runtime.barrier()
-    start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
+    start_step = step_to_resume(out_dir, dataclasses.asdict(config), config.resume, config.force)
     meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
     if meta is not None and meta.get("finished") and not config.force:
         print0(runtime, f"base_train: {out_dir} already holds the finished run (step {start_step}); "
@@ -328,6 +331,8 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         pending.append((step, lr_mult))
         return readback.lagging or settle()
 
+    if meta is None:
+        start_over(out_dir, runtime)
     steps = StepSchedule(hp.num_iterations, config.eval_every, config.save_every, config.save_final)
     with loader:
         exit_code = run_steps(first_step, steps, stop, runtime, train_step=train_step, evaluate=evaluate,

@@ -44,6 +44,8 @@ from nanochat.step_loop import (
     restore_rng_and_optimizer,
     rng_and_optimizer_state,
     run_steps,
+    start_over,
+    step_to_resume,
 )
 from nanochat.stopping import StopRequest
 from nanochat.tasks import GSM8K, require_available
@@ -78,7 +80,8 @@ class ChatRLConfig(OptimizerFlags):
     save_every: int = field(default=60, metadata={"help": "steps between checkpoints; one is always written at the end"})
     keep_checkpoints: int = 2
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
-    force: bool = field(default=False, metadata={"help": "train again even if this tag already finished"})
+    force: bool = field(default=False, metadata={
+        "help": "start this tag over, even if finished (the same command again resumes a stopped --force run)"})
     seed: int = 42
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -192,7 +195,7 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
     if runtime.is_master:
         ckpt.remove_stale_temporaries(out_dir)
     runtime.barrier()
-    start_step = ckpt.latest_complete_step(out_dir) if config.resume and not config.force else None
+    start_step = step_to_resume(out_dir, dataclasses.asdict(config), config.resume, config.force)
     meta = ckpt.read_meta(out_dir, start_step) if start_step is not None else None
     source_meta = {"phase": source.phase, "tag": source.tag, "step": source.step, "directory": str(source.directory)}
     problems = len(train_task)
@@ -275,6 +278,8 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
                         f"| dt {dt:.1f} s")
         return True
 
+    if meta is None:
+        start_over(out_dir, runtime)
     exit_code = run_steps(loop["step"], StepSchedule(num_iterations, config.eval_every, config.save_every), stop,
                           runtime, train_step=train_step, evaluate=evaluate, save=save,
                           evaluations=loop["gsm8k_history"])

@@ -110,6 +110,27 @@ def test_signal_saves_and_exits_75_then_resumes(tiny_cache, signum):
     assert "nothing to do" in rerun.stdout
 
 
+def test_force_starts_over_once_and_a_stopped_forced_run_resumes(tiny_cache):
+    directory = tiny_cache / "base_checkpoints" / "again"
+    run_stage("base_train", *TINY, "--num-iterations", "6", "--save-every", "2", "--model-tag", "again",
+              cache=tiny_cache)
+    forced = [*TINY, "--num-iterations", str(STEPS), "--save-every", "100", "--model-tag", "again", "--force"]
+    proc = _popen(tiny_cache, forced)
+    for line in proc.stdout:
+        if line.startswith("step 000003/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    assert proc.wait(timeout=60) == 75, proc.stdout.read()
+    stopped = ckpt.latest_complete_step(directory)
+    # the earlier run's checkpoints are gone: they would outrank the new run (the finished step 6 did)
+    assert ckpt.complete_steps(directory) == [stopped] and not ckpt.read_meta(directory, stopped)["finished"]
+    # the same command again (a requeued job) resumes the forced run instead of starting it over once more
+    again = run_stage("base_train", *forced, cache=tiny_cache)
+    assert f"resumed from {directory} at step {stopped}" in again.stdout
+    assert ckpt.latest_complete_step(directory) == STEPS and ckpt.read_meta(directory, STEPS)["finished"]
+    assert "resumed" not in run_stage("base_train", *forced, cache=tiny_cache).stdout  # finished: trains again
+
+
 def _torchrun_two_workers(module: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
