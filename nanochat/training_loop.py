@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ckpt
 from nanochat.attention_kernels import ATTENTION_FLAG_HELP
-from nanochat.configargs import EXIT_OK, UsageError, require
+from nanochat.configargs import UsageError, require
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.model_loading import find_checkpoint
@@ -260,6 +260,10 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
             wandb_run.log({"step": step, "val/bpb": bpb})
 
     def save(step: int, finished: bool) -> None:
+        if finished:  # before the meta that marks the run finished: a rerun after a kill in between writes it again
+            totals = _all_reduce_sum(torch.tensor([feed.examples_consumed, feed.truncated], device=device), runtime)
+            if runtime.is_master:
+                _write_report(job, loop, runtime, examples=int(totals[0]), truncated=int(totals[1]))
         optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(job.model_config), "user_config": dataclasses.asdict(config),
                     "source": source_meta, "num_iterations": job.num_iterations, "run_settings": run_settings,
@@ -322,12 +326,7 @@ def run_finetune(job: FinetuneJob, runtime: Runtime) -> int:
         feed.close()
         if wandb_run is not None:
             wandb_run.finish()
-    if exit_code != EXIT_OK:
-        return exit_code
-    totals = _all_reduce_sum(torch.tensor([feed.examples_consumed, feed.truncated], device=device), runtime)
-    if runtime.is_master:
-        _write_report(job, loop, runtime, examples=int(totals[0]), truncated=int(totals[1]))
-    return EXIT_OK
+    return exit_code
 
 
 def _forward_backward(train_model, feed: TrainFeed, grad_accum_steps: int, runtime: Runtime) -> torch.Tensor:

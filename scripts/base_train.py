@@ -250,7 +250,13 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
         if wandb_run is not None:
             wandb_run.log({"step": step, "val/bpb": bpb, "val/unigram_bpb": baseline})
 
+    def write_report() -> None:
+        if runtime.is_master:
+            _write_report(config, hp, loop, runtime, peak)
+
     def save(step: int, finished: bool) -> None:
+        if finished:  # before the meta that marks the run finished: a rerun after a kill in between writes it again
+            write_report()
         all_loader_states = [loader.state_dict()]
         if runtime.distributed:
             import torch.distributed as dist
@@ -339,11 +345,9 @@ def _train(config, runtime, tokenizer, train_files, val_files) -> int:
                               save=save, evaluations=loop["val_history"], settle=settle)
     if wandb_run is not None:
         wandb_run.finish()
-    if exit_code != EXIT_OK:
-        return exit_code
-    if runtime.is_master:
-        _write_report(config, hp, loop, runtime, peak)
-    return EXIT_OK
+    if exit_code == EXIT_OK and not config.save_final:
+        write_report()
+    return exit_code
 
 
 @torch.no_grad()

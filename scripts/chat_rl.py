@@ -250,6 +250,8 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
         print0(runtime, f"step {step:06d} | GSM8K test pass@1 {score.accuracy:.4f} ({score.correct}/{score.total})")
 
     def save(step: int, finished: bool) -> None:
+        if finished and runtime.is_master:  # before the meta that marks the run finished (see run_finetune)
+            _write_report(config, runtime, source_meta, num_iterations, loop)
         optim_out = rng_and_optimizer_state(optimizer, runtime)
         meta_out = {"model_config": dataclasses.asdict(model_config), "user_config": dataclasses.asdict(config),
                     "source": source_meta, "num_iterations": num_iterations, "run_settings": run_settings,
@@ -280,14 +282,8 @@ def _train(config, runtime, source, model_config, tokenizer, train_task, test_ta
 
     if meta is None:
         start_over(out_dir, runtime)
-    exit_code = run_steps(loop["step"], StepSchedule(num_iterations, config.eval_every, config.save_every), stop,
-                          runtime, train_step=train_step, evaluate=evaluate, save=save,
-                          evaluations=loop["gsm8k_history"])
-    if exit_code != EXIT_OK:
-        return exit_code
-    if runtime.is_master:
-        _write_report(config, runtime, source_meta, num_iterations, loop)
-    return EXIT_OK
+    return run_steps(loop["step"], StepSchedule(num_iterations, config.eval_every, config.save_every), stop, runtime,
+                     train_step=train_step, evaluate=evaluate, save=save, evaluations=loop["gsm8k_history"])
 
 
 def _rl_step(config, runtime, model, engine, tokenizer, train_task, order, step, num_iterations,

@@ -194,6 +194,19 @@ def test_report_section_and_learning(tiny_cache):
     assert report["seconds"] > 0  # report.md's per-stage time and total read "seconds", as for every stage
 
 
+def test_a_run_that_dies_writing_its_report_writes_it_when_run_again(tiny_cache):
+    args = [*TINY, "--num-iterations", "4", "--save-every", "2", "--model-tag", "unreported"]
+    section = tiny_cache / "report" / "base_train.json"
+    section.mkdir(parents=True)  # the section cannot be written: the stage dies there, as if killed
+    assert run_stage("base_train", *args, cache=tiny_cache, check=False).returncode == 1
+    section.rmdir()
+    again = run_stage("base_train", *args, cache=tiny_cache)
+    assert "nothing to do" not in again.stdout  # it used to skip the finished run, and the section never came
+    assert json.loads(section.read_text())["num_iterations"] == 4
+    directory = tiny_cache / "base_checkpoints" / "unreported"
+    assert ckpt.read_meta(directory, 4)["finished"]
+
+
 def test_divergence_exits_3_and_keeps_last_good_checkpoint(tiny_cache):
     args = [*TINY, "--num-iterations", "40", "--save-every", "1", "--model-tag", "boom",
             "--matrix-lr", "1e20", "--embedding-lr", "1e20", "--unembedding-lr", "1e20", "--scalar-lr", "1e20"]

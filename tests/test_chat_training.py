@@ -194,6 +194,18 @@ def test_resume_with_other_training_settings_is_refused_in_one_line(tiny_cache):
     assert f"resumed from {directory} at step {stopped[-1]}" in again.stdout
 
 
+def test_a_run_that_dies_writing_its_report_writes_it_when_run_again(tiny_cache):
+    run_stage("base_train", *BASE, cache=tiny_cache)
+    mid = [*COMMON, "--num-iterations", "4", "--eval-every", "-1", "--save-every", "2", "--total-batch-size", "512"]
+    section = tiny_cache / "report" / "mid_train.json"
+    section.mkdir(parents=True)  # the section cannot be written: the stage dies there, as if killed
+    assert run_stage("mid_train", *mid, cache=tiny_cache, check=False).returncode == 1
+    section.rmdir()
+    again = run_stage("mid_train", *mid, cache=tiny_cache)
+    assert "nothing to do" not in again.stdout  # it used to skip the finished run, and the section never came
+    assert len(json.loads(section.read_text())["loss_history"]) == 4
+
+
 def test_two_process_mid_train_sums_counts_over_ranks(tiny_cache):
     """torchrun with two CPU (gloo) workers: each step's token counts and loss are summed over both ranks."""
     run_stage("base_train", *BASE, cache=tiny_cache)
