@@ -112,14 +112,10 @@ def main(config: TokTrainConfig) -> int:
     ids = tokenizer.encode(ROUND_TRIP_SAMPLE)
     if tokenizer.decode(ids) != ROUND_TRIP_SAMPLE:
         raise RuntimeError("the trained tokenizer does not round-trip the sample text")
-    _install(tokenizer, target)
-
     token_bytes = tokenizer.token_bytes()
     ordinary = token_bytes[token_bytes > 0].float()
-    print(f"trained vocab {tokenizer.vocab_size} on {counter.chars:,} characters ({counter.docs:,} documents "
-          f"from {len(train_shards)} shards) in {seconds:.1f}s -> {target}")
-    print(f"round trip: {len(ROUND_TRIP_SAMPLE.encode('utf-8'))} bytes -> {len(ids)} tokens -> identical text")
-    print("pieces: " + " ".join(repr(tokenizer.token_to_bytes(i))[1:] for i in ids))
+    # the section before the tokenizer: an installed tokenizer makes the rerun a no-op, so a kill between the
+    # two must leave the tokenizer out (the rerun trains it again and writes both), never the section
     write_section("tok_train", {
         "settings": config_to_dict(config),
         "seconds": round(seconds, 2),
@@ -131,6 +127,11 @@ def main(config: TokTrainConfig) -> int:
         "token_bytes_max": int(ordinary.max().item()),
         "sample_tokens": len(ids),
     })
+    _install(tokenizer, target)
+    print(f"trained vocab {tokenizer.vocab_size} on {counter.chars:,} characters ({counter.docs:,} documents "
+          f"from {len(train_shards)} shards) in {seconds:.1f}s -> {target}")
+    print(f"round trip: {len(ROUND_TRIP_SAMPLE.encode('utf-8'))} bytes -> {len(ids)} tokens -> identical text")
+    print("pieces: " + " ".join(repr(tokenizer.token_to_bytes(i))[1:] for i in ids))
     return 0
 
 

@@ -272,6 +272,18 @@ def test_iter_parquet_texts_caps(tmp_path):
     assert capped[0] == everything[0][:30]
 
 
+def test_tok_train_that_dies_writing_its_report_writes_it_when_run_again(cache, capsys):
+    write_shards(cache / "base_data", n_shards=3)
+    section = cache / "report" / "tok_train.json"
+    section.mkdir(parents=True)  # the section cannot be written: the stage dies there, as if killed
+    with pytest.raises(OSError):
+        tok_train.cli(["--vocab-size", "400"])
+    section.rmdir()
+    assert tok_train.cli(["--vocab-size", "400"]) == 0
+    assert "already trained" not in capsys.readouterr().out  # it used to stop there, and the section never came
+    assert json.loads(section.read_text())["vocab_size"] == 400
+
+
 def test_tok_train_and_tok_eval_cli(cache, capsys):
     write_shards(cache / "base_data", n_shards=3)
     assert tok_train.cli(["--vocab-size", "400"]) == 0
