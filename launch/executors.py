@@ -203,6 +203,8 @@ class PipelineRunner:
             stage.process.args)
         if status == 1 and self.stop_requested and under_torchrun and torchrun_children_resumable(stage.tail):
             status = EXIT_RESUMABLE
+        if status != 0 and self.stop_requested and not STAGES_BY_NAME[self._current_name].saves_checkpoints:
+            status = EXIT_RESUMABLE  # terminated by request_stop
         if not self._current_logged:
             self._current_logged = True
             self.log.event(stage=self._current_name, event="end", status=status,
@@ -210,11 +212,18 @@ class PipelineRunner:
         return status
 
     def request_stop(self, signum: int) -> None:
-        """Forward a stop signal to the running stage; no further stage starts."""
+        """Forward a stop signal to the running stage; no further stage starts. A stage with nothing to save
+        is terminated instead: it would run on past a time limit and be killed there, never requeued."""
         self.stop_requested = True
-        if self.current is not None:
+        if self.current is None:
+            return
+        if STAGES_BY_NAME[self._current_name].saves_checkpoints:
             self.say(f"forwarding {signal.Signals(signum).name} to stage {self._current_name}")
             self.current.send(signum)
+        else:
+            self.say(f"{signal.Signals(signum).name}: stopping stage {self._current_name}, which has nothing to "
+                     "save; it runs again on the rerun")
+            self.current.send(signal.SIGTERM)
 
     def stop_and_wait(self, signum: int) -> int | None:
         """Forward `signum` and wait until the stage has saved and exited (for submitit's checkpoint)."""

@@ -32,6 +32,12 @@ class Stage:
     def command_module(self) -> str:
         return f"scripts.{self.module}"
 
+    @property
+    def saves_checkpoints(self) -> bool:
+        """A training stage: a stop signal makes it save a checkpoint and exit 75. Every other stage has
+        nothing to save (it ignores SIGUSR1/2) and simply runs again on the rerun."""
+        return any(product.startswith("ckpt:") for product in self.produces)
+
 
 STAGES: tuple[Stage, ...] = (
     Stage("demo_data", "demo_data", (), ("shards", "tasks"),

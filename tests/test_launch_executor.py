@@ -106,19 +106,20 @@ from launch.config import resolve_config
 from launch.executors import LaunchPlan, LocalExecutor
 root = Path({root!r})
 config = resolve_config("cpu", root, {{"NANOCHAT_BASE_DIR": {cache!r}}}, {{"HOME": {cache!r}}}, list)
-sys.exit(LocalExecutor().launch(LaunchPlan(config, ("tok_eval", "report"), (), root, root / "logs")))
+sys.exit(LocalExecutor().launch(LaunchPlan(config, ({first!r}, "report"), (), root, root / "logs")))
 """
 
 
 def test_forwards_sigusr1_and_exits_75(tmp_path):
-    root = fake_repo(tmp_path / "repo", {"tok_eval": STOPPABLE, "report": "open('ran', 'w').write('no')"})
+    root = fake_repo(tmp_path / "repo", {"base_train": STOPPABLE, "report": "open('ran', 'w').write('no')"})
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO), root=str(root), cache=str(tmp_path / "cache")))
+    driver.write_text(DRIVER.format(repo=str(REPO), root=str(root), cache=str(tmp_path / "cache"),
+                                    first="base_train"))
     launcher = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     stage_log = None
     while time.monotonic() < deadline:
-        logs = list((root / "logs" / "cpu").glob("*/tok_eval.log")) if (root / "logs").exists() else []
+        logs = list((root / "logs" / "cpu").glob("*/base_train.log")) if (root / "logs").exists() else []
         if logs and "ready" in logs[0].read_text():
             stage_log = logs[0]
             break
@@ -130,7 +131,32 @@ def test_forwards_sigusr1_and_exits_75(tmp_path):
     assert "saved checkpoint on SIGUSR1" in stage_log.read_text()
     assert not (root / "ran").exists()
     log = (stage_log.parent / "launch.log").read_text()
-    assert "stage=tok_eval event=end status=75" in log and "event=launch_end status=75" in log
+    assert "stage=base_train event=end status=75" in log and "event=launch_end status=75" in log
+
+
+EVALUATING = """
+import time
+print('ready', flush=True)
+time.sleep(60)  # an evaluation: no handlers, so the stop signals it inherits as ignored stay ignored
+"""
+
+
+def test_a_stage_with_nothing_to_save_is_stopped_at_once_and_exits_75(tmp_path):
+    root = fake_repo(tmp_path / "repo", {"tok_eval": EVALUATING, "report": "open('ran', 'w').write('no')"})
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO), root=str(root), cache=str(tmp_path / "cache"), first="tok_eval"))
+    launcher = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not list(root.glob("logs/cpu/*/tok_eval.log")) or "ready" not in next(
+            root.glob("logs/cpu/*/tok_eval.log")).read_text():
+        assert time.monotonic() < deadline, "fake stage never started"
+        time.sleep(0.1)
+    started = time.monotonic()
+    launcher.send_signal(signal.SIGUSR1)
+    # it used to run on to its end: under SLURM, past the time limit, killed there and never requeued
+    output = launcher.communicate(timeout=30)[0].decode()
+    assert launcher.returncode == 75 and time.monotonic() - started < 20, output
+    assert "runs again on the rerun" in output and not (root / "ran").exists()
 
 
 def test_torchrun_failure_summary_maps_to_75():
