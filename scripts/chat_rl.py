@@ -81,7 +81,8 @@ class ChatRLConfig(OptimizerFlags):
     keep_checkpoints: int = 2
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
     force: bool = field(default=False, metadata={
-        "help": "start this tag over, even if finished (the same command again resumes a stopped --force run)"})
+        "help": "start this tag over (its checkpoints are replaced), even if finished; the same command "
+                "again resumes a stopped --force run"})
     seed: int = 42
     device_type: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     precision: Literal["auto", "bf16", "fp32"] = "auto"
