@@ -325,6 +325,26 @@ def test_cuda_graph_engine_tokens_equal_the_dynamic_engine(tokenizer, weights, d
                 assert int(static.argmax()) == int(reference.argmax())
 
 
+
+@needs_cuda
+@pytest.mark.parametrize("decode", ["graph", "compiled-graph"])
+def test_cuda_graph_decodes_prompts_of_different_lengths_as_each_alone(tokenizer, decode):
+    """Rows at different positions under a captured graph (init weights: bf16 rounding cannot flip a token)
+    write exactly what the dynamic path writes for each prompt on its own."""
+    model = random_model(**SHAPES["SSL-gqa"]).cuda()
+    model.init_weights()
+    for param in model.parameters():
+        if param.dim() == 2:
+            param.data = param.data.to(torch.bfloat16)
+    prompts = [tokenizer.encode(text, prepend="<|bos|>") for text in ("The lazy fox", "A", "Over the lazy dog, twice")]
+    assert len({len(p) for p in prompts}) == 3
+    dynamic = Engine(model, tokenizer)
+    expected = [dynamic.generate_batch(p, num_samples=2, max_tokens=24, temperature=0.0) for p in prompts]
+    graph = Engine(model, tokenizer, decode=decode)
+    assert graph.generate_batches(prompts, num_samples=2, max_tokens=24, temperature=0.0) == expected
+    assert graph.last_decode_path == decode
+
+
 def test_bench_decode_cpu_path(capsys):
     code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
                              "--max-seq-len", "32", "--batch-sizes", "1,2", "--prompt-tokens", "6",
