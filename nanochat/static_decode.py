@@ -53,6 +53,11 @@ WARMUP_STEPS = 2
 # Decoders compile their pieces during capture's warm-up; one at a time (the web server captures one
 # decoder per GPU, each in its own thread).
 _COMPILE_LOCK = threading.Lock()
+# Every (rows, cache length) a process decodes with is one more compiled version of each piece: batched
+# evaluation and rollouts see a dozen or more (each task's last, smaller batch; several length buckets),
+# past dynamo's default limit of 8, where a fullgraph compile fails and the engine would fall back to the
+# uncompiled graph for good. Capture raises the limit to this many shapes.
+COMPILED_SHAPES_LIMIT = 64
 
 
 def cache_length_bucket(tokens: int) -> int:
@@ -248,14 +253,26 @@ class StaticDecoder:
         self.pos.fill_(self.max_len - 1)
         side = torch.cuda.Stream(device=self.kv.device)
         side.wait_stream(torch.cuda.current_stream(self.kv.device))
-        with torch.cuda.stream(side), _COMPILE_LOCK if self.compiled else contextlib.nullcontext():
+        with torch.cuda.stream(side), self._compiling():
             for _ in range(WARMUP_STEPS):
                 self._forward()
         torch.cuda.current_stream(self.kv.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), self._compiling():
             logits = self._forward()
         self._graph, self._graph_logits = graph, logits
+
+    @contextlib.contextmanager
+    def _compiling(self):
+        """While the compiled pieces may compile: one decoder at a time, up to COMPILED_SHAPES_LIMIT shapes."""
+        if not self.compiled:
+            yield
+            return
+        limits = {"recompile_limit": COMPILED_SHAPES_LIMIT,
+                  "accumulated_recompile_limit": max(torch._dynamo.config.accumulated_recompile_limit,
+                                                     8 * COMPILED_SHAPES_LIMIT)}
+        with _COMPILE_LOCK, torch._dynamo.config.patch(limits):
+            yield
 
     @torch.inference_mode()
     def load_prefix(self, cache: KVCache, rows: slice = slice(None)) -> int:

@@ -345,6 +345,20 @@ def test_cuda_graph_decodes_prompts_of_different_lengths_as_each_alone(tokenizer
     assert graph.last_decode_path == decode
 
 
+
+@needs_cuda
+def test_more_compiled_decoder_shapes_than_dynamos_default_limit_all_compile():
+    """Batched evaluation meets a dozen (rows, cache length) shapes in one process; each must compile (past
+    dynamo's default of 8 a fullgraph compile fails and the engine would fall back to the uncompiled graph)."""
+    model = random_model(**SHAPES["SSL-gqa"]).cuda()
+    model.init_weights()
+    for rows in range(1, 11):
+        decoder = StaticDecoder(model, rows, 64, dtype=torch.bfloat16, compile_step=True)
+        decoder.capture()
+        logits = decoder.step(torch.zeros(rows, dtype=torch.long, device="cuda"), 0)
+        assert logits.shape == (rows, VOCAB) and torch.isfinite(logits).all()
+
+
 def test_bench_decode_cpu_path(capsys):
     code = bench_decode.cli(["--depth", "2", "--aspect-ratio", "16", "--head-dim", "8", "--vocab-size", "128",
                              "--max-seq-len", "32", "--batch-sizes", "1,2", "--prompt-tokens", "6",
