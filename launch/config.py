@@ -21,7 +21,7 @@ from launch import keys as K
 from launch.detect import GpuProbe, probe_gpus
 from launch.sites import read_env_file, read_local_file, site_file
 from nanochat.configargs import UsageError, require
-from nanochat.paths import expand_path
+from nanochat.paths import check_model_tag, expand_path
 
 SMALL_GPU_GB = 40
 MIN_VOCAB_SIZE = 265  # nanochat.tokenizer.MIN_VOCAB_SIZE (256 bytes + special tokens); importing it pulls in torch
@@ -244,6 +244,7 @@ def resolve_config(site: str, repo_root: Path, cli: Mapping[str, str] | None = N
 
     if values["MODEL_TAG"] is None:
         values["MODEL_TAG"], sources["MODEL_TAG"] = f"d{values['DEPTH']}", "default: d<depth>"
+    check_model_tag(values["MODEL_TAG"])
 
     memory_gb = values["GPU_MEMORY_GB"]
     batch_from_profile = sources["DEVICE_BATCH_SIZE"] in (SOURCE_DEFAULT, f"env/{site}.env")

@@ -14,7 +14,7 @@ import torch
 from nanochat import checkpoint as ckpt
 from nanochat.configargs import UsageError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.paths import base_dir, tokenizer_dir
+from nanochat.paths import checkpoint_dir, phase_dir, tokenizer_dir
 from nanochat.tokenizer import Tokenizer
 
 PRODUCING_STAGE = {"base": "base_train", "mid": "mid_train", "chatsft": "chat_sft", "chatrl": "chat_rl"}
@@ -35,12 +35,12 @@ def find_checkpoint(phase: str, tag: str | None = None, step: int | None = None,
                     root: Path | None = None) -> tuple[str, int, Path]:
     """(tag, step, directory) of the requested checkpoint; tag defaults to the most recently written one and
     step to its latest complete checkpoint."""
-    phase_dir = (root or base_dir()) / f"{phase}_checkpoints"
+    tags = phase_dir(phase, root)
     fix = f"run `python -m scripts.{PRODUCING_STAGE[phase]}` first"
-    tag = tag or ckpt.latest_tag(phase_dir)
+    tag = tag or ckpt.latest_tag(tags)
     if tag is None:
-        raise UsageError(f"no {phase} checkpoint in {phase_dir}: {fix}")
-    directory = phase_dir / tag
+        raise UsageError(f"no {phase} checkpoint in {tags}: {fix}")
+    directory = checkpoint_dir(phase, tag, root)
     steps = ckpt.complete_steps(directory)
     if not steps:
         raise UsageError(f"no complete {phase} checkpoint in {directory}: {fix}")

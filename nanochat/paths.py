@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from nanochat.configargs import UsageError
+
 DEFAULT_BASE_DIR = Path.home() / ".cache" / "nanochat"
 PHASES = ("base", "mid", "chatsft", "chatrl")
 
@@ -34,10 +36,25 @@ def report_dir(root: Path | None = None) -> Path:
     return (root or base_dir()) / "report"
 
 
-def checkpoint_dir(phase: str, tag: str, root: Path | None = None) -> Path:
+def phase_dir(phase: str, root: Path | None = None) -> Path:
+    """<cache>/<phase>_checkpoints, the folder of a phase's tags."""
     if phase not in PHASES:
         raise ValueError(f"unknown checkpoint phase {phase!r}; expected one of {', '.join(PHASES)}")
-    return (root or base_dir()) / f"{phase}_checkpoints" / tag
+    return (root or base_dir()) / f"{phase}_checkpoints"
+
+
+def check_model_tag(tag: str) -> None:
+    """UsageError unless `tag` is one folder name: with `a/b` or `..` checkpoints would land outside their
+    phase's folder, where no later stage finds them."""
+    if tag in ("", ".", "..") or "/" in tag or os.sep in tag or "\0" in tag:
+        raise UsageError(f"--model-tag {tag!r} is not a folder name; use letters, digits, '-', '_' or '.' "
+                         "(e.g. d20 or d20-long)")
+
+
+def checkpoint_dir(phase: str, tag: str, root: Path | None = None) -> Path:
+    """<cache>/<phase>_checkpoints/<tag> (`check_model_tag` first)."""
+    check_model_tag(tag)
+    return phase_dir(phase, root) / tag
 
 
 def shard_paths(directory: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from nanochat.gpu_site import apply_site_fixes
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import UnigramBaseline, evaluate_bpb
 from nanochat.optim import OptimizerFlags
-from nanochat.paths import base_dir, checkpoint_dir, data_dir, tokenizer_dir
+from nanochat.paths import base_dir, check_model_tag, checkpoint_dir, data_dir, tokenizer_dir
 from nanochat.precision import apply_precision, autocast_precision
 from nanochat.report import write_section
 from nanochat.runtime import print0, setup_runtime, teardown_runtime, torchrun_ranks, warn0
@@ -111,6 +111,7 @@ class BaseTrainConfig(OptimizerFlags):
         require(0 <= self.final_lr_frac <= 1, "--final-lr-frac must be in [0, 1]")
         if self.model_tag is None:
             self.model_tag = f"d{self.depth}"
+        check_model_tag(self.model_tag)
 
 
 def _check_inputs() -> tuple[Tokenizer, list]:

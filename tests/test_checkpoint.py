@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ckpt
+from nanochat import paths
 from nanochat.configargs import UsageError
+from tests.conftest import run_stage
 
 
 def _save(directory, step, world_size=1):
@@ -101,3 +103,17 @@ def test_save_with_keep_prunes_older_checkpoints(tmp_path):
     assert ckpt.complete_steps(tmp_path) == [2, 3]
     ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {"m": torch.ones(1)}, {})
     assert ckpt.complete_steps(tmp_path) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("tag", ["../escape", "a/b", "..", "."])
+def test_a_tag_that_is_not_one_folder_name_is_refused(tmp_path, tag):
+    with pytest.raises(UsageError, match="is not a folder name"):
+        paths.checkpoint_dir("base", tag, tmp_path)
+    assert paths.checkpoint_dir("base", "d20-long.v2", tmp_path) == tmp_path / "base_checkpoints" / "d20-long.v2"
+
+
+def test_base_train_refuses_a_path_as_its_tag_before_writing_anything(tmp_path):
+    proc = run_stage("base_train", "--depth", "1", "--model-tag", "../escape", "--device-type", "cpu",
+                     cache=tmp_path, check=False)
+    assert proc.returncode == 2 and "--model-tag '../escape' is not a folder name" in proc.stderr
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "base_checkpoints").exists()

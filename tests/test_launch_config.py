@@ -87,6 +87,8 @@ def test_an_empty_cache_dir_is_refused_not_read_as_the_current_folder(repo):
 def test_model_tag_defaults_to_depth(repo):
     assert resolve(repo, "cpu").run.model_tag == "d2"
     assert resolve(repo, "cpu", {"DEPTH": "6"}).run.model_tag == "d6"
+    with pytest.raises(UsageError, match="--model-tag '../d6' is not a folder name"):
+        resolve(repo, "cpu", {"MODEL_TAG": "../d6"})
 
 
 def test_unknown_key_in_env_local_names_closest(repo):
