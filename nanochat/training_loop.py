@@ -66,8 +66,10 @@ class FinetuneConfig(OptimizerFlags):
     final_lr_frac: float = 0.0
     eval_every: int = field(default=150, metadata={"help": "steps between validation checks (-1: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per device per check"})
-    save_every: int = field(default=500, metadata={"help": "steps between checkpoints; one is always written at the end"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "intermediate checkpoints kept (the newest ones)"})
+    save_every: int = field(default=500, metadata={
+        "help": "steps between checkpoints (0 or less: none in between); one is always written at the end"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept while training, the newest ones (0 or less: all)"})
     identity_file: str | None = field(default=None, metadata={
         "help": "JSONL of identity conversations (default: the cache's tasks/identity.jsonl)"})
     identity_epochs: int = field(default=1, metadata={"help": "passes over the identity conversations"})

@@ -70,10 +70,12 @@ class BaseTrainConfig(OptimizerFlags):
     eval_every: int = field(default=250, metadata={"help": "steps between validation bits-per-byte checks"})
     eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per check"})
     sample_every: int = field(default=2000, metadata={"help": "steps between printed samples (-1: never)"})
-    save_every: int = field(default=1000, metadata={"help": "steps between checkpoints; one is always written at the end"})
+    save_every: int = field(default=1000, metadata={
+        "help": "steps between checkpoints (0 or less: none in between); one is always written at the end"})
     save_final: bool = field(default=True, metadata={
         "help": "write the final checkpoint (--no-save-final: short sweep runs keep only the report)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "intermediate checkpoints kept (the newest ones)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept while training, the newest ones (0 or less: all)"})
     model_tag: str | None = field(default=None, metadata={"help": "checkpoint folder name (default d<depth>)"})
     run: str = field(default=TRACKING_OFF, metadata={"help": f"wandb run name; {TRACKING_OFF!r} keeps wandb off"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})

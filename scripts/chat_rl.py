@@ -77,8 +77,10 @@ class ChatRLConfig(OptimizerFlags):
     init_lr_frac: float = field(default=0.05, metadata={"help": "learning rates start at this share of the SFT ones"})
     eval_every: int = field(default=60, metadata={"help": "steps between GSM8K pass@1 checks (-1: only at the end)"})
     eval_examples: int = field(default=400, metadata={"help": "GSM8K test problems per check"})
-    save_every: int = field(default=60, metadata={"help": "steps between checkpoints; one is always written at the end"})
-    keep_checkpoints: int = 2
+    save_every: int = field(default=60, metadata={
+        "help": "steps between checkpoints (0 or less: none in between); one is always written at the end"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept while training, the newest ones (0 or less: all)"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest complete checkpoint of this tag"})
     force: bool = field(default=False, metadata={
         "help": "start this tag over (its checkpoints are replaced), even if finished; the same command "
