@@ -151,6 +151,9 @@ def test_another_file_as_out_or_as_the_report_target_is_left_untouched(tiny_cach
     proc = run(sweep_command(tiny_cache, menu, out, "--steps", "2", "--val-tokens", "512"))
     assert proc.returncode == 2 and "is not a sweep trajectory" in proc.stderr, proc.stderr
     assert out.read_bytes() == b"run,score\nbaseline,1.25"
+    assert not Path(f"{out}.lock").exists()
+    proc = run(sweep_command(tiny_cache, menu, tmp_path, "--steps", "2", "--val-tokens", "512"))
+    assert proc.returncode == 2 and "is a folder" in proc.stderr and not Path(f"{tmp_path}.lock").exists()
     named_md = tmp_path / "sweep.md"
     named_md.write_text('{"event":"header","phase":1}\n')
     proc = run([sys.executable, "-m", "launch", "sweep-report", str(named_md)])

@@ -86,7 +86,7 @@ def sweep_main(argv: Sequence[str], repo_root: Path, environ: Mapping[str, str] 
 
 def _sweep(args, sites, repo_root: Path, environ, probe, which) -> int:
     from launch.sweep import campaign
-    from launch.sweep.trajectory import SweepLock, read_events
+    from launch.sweep.trajectory import SweepLock, check_is_trajectory, read_events
 
     for name in ("candidates", "steps", "val_tokens", "finalists", "max_parallel"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -121,6 +121,7 @@ def _sweep(args, sites, repo_root: Path, environ, probe, which) -> int:
     from launch.sweep.menu import load_menu
 
     out = args.out or (args.source if phase == 2 else Path("trajectory.jsonl"))
+    check_is_trajectory(out)  # before the lock: a refused --out leaves no <out>.lock behind
     if phase == 1:
         menu = load_menu(args.menu)
         defaults = {**DEFAULTS, **menu.defaults}
