@@ -5,6 +5,12 @@ the terminal and to `logs/<site>/<launch-id>/<stage>.log`), one line per stage s
 `launch.log`, stop at the first failing stage and return its status. SIGUSR1/SIGUSR2/SIGTERM are
 forwarded to the running stage, which saves a checkpoint and exits 75; the pipeline then exits 75 too.
 
+A training stage ignores USR1/USR2 until its handlers are installed, which may be minutes after it starts.
+So before signalling it the launcher writes the signal's name to `<stage>.stop` beside the stage's log,
+whose path the stage finds in $NANOCHAT_STOP_FILE (`nanochat.stopping`): a stop requested at any moment
+takes effect at the stage's first step boundary. TERM reaches a training stage as USR2, which cannot kill
+it before its handlers exist (nor make torchrun shut its workers down).
+
 `SlurmExecutor` submits a `PipelineJob` through submitit. Inside the allocation the job runs the runner;
 when SLURM signals the time limit, submitit calls `PipelineJob.checkpoint`, which forwards the signal,
 waits for the stage to save and exit, and hands back a fresh job that submitit requeues: finished stages
@@ -33,7 +39,7 @@ from launch.config import SBATCH_INPUT_KEYS, LaunchConfig
 from launch.logs import LaunchLog, launch_dir, new_launch_id
 from launch.slurm_env import SlurmJob
 from launch.stages import STAGES_BY_NAME
-from nanochat.configargs import EXIT_RESUMABLE
+from nanochat.configargs import EXIT_RESUMABLE, STOP_FILE_ENV
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 SUBMITIT_SIGNAL = signal.SIGUSR2  # submitit's time-limit signal (NCCL may use USR1)
@@ -146,6 +152,8 @@ class PipelineRunner:
         self.out_fd = out_fd
         self.stop_requested = False
         self.current: StageProcess | None = None
+        self._stop_signal: int | None = None
+        self._stop_file: Path | None = None
         self._current_name = ""
         self._current_start = 0.0
         self._current_logged = False
@@ -190,11 +198,19 @@ class PipelineRunner:
         self.say(f"stage {name}: {command.shell()}")
         self.log.event(stage=name, event="start", command=command.shell())
         self._current_name, self._current_start, self._current_logged = name, time.monotonic(), False
-        self.current = StageProcess(command.argv, self.env, self.plan.repo_root, log_path, self.out_fd)
-        status = self._finish_current()
-        self.current.close()
-        self.current = None
-        return status
+        self._stop_file = log_path.with_suffix(".stop")
+        self._stop_file.unlink(missing_ok=True)  # left by a launcher that was killed (a requeued job reuses the folder)
+        if self.stop_requested:  # a stop that came after `run` checked for one
+            self._write_stop_file()
+        env = {**self.env, STOP_FILE_ENV: str(self._stop_file)}
+        self.current = StageProcess(command.argv, env, self.plan.repo_root, log_path, self.out_fd)
+        try:
+            return self._finish_current()
+        finally:
+            self.current.close()
+            self.current = None
+            self._stop_file.unlink(missing_ok=True)
+            self._stop_file = None
 
     def _finish_current(self) -> int:
         stage = self.current
@@ -212,18 +228,32 @@ class PipelineRunner:
         return status
 
     def request_stop(self, signum: int) -> None:
-        """Forward a stop signal to the running stage; no further stage starts. A stage with nothing to save
-        is terminated instead: it would run on past a time limit and be killed there, never requeued."""
+        """Forward a stop signal to the running stage; no further stage starts. A training stage learns of it
+        from its stop file too, should it not handle signals yet. A stage with nothing to save is terminated
+        instead: it would run on past a time limit and be killed there, never requeued."""
         self.stop_requested = True
+        self._stop_signal = signum
+        if self._stop_file is not None:
+            self._write_stop_file()
         if self.current is None:
-            return
+            return  # a stage about to start finds the stop file
         if STAGES_BY_NAME[self._current_name].saves_checkpoints:
-            self.say(f"forwarding {signal.Signals(signum).name} to stage {self._current_name}")
-            self.current.send(signum)
+            forwarded = signal.SIGUSR2 if signum == signal.SIGTERM else signum
+            as_name = "" if forwarded == signum else f" as {signal.Signals(forwarded).name}"
+            self.say(f"forwarding {signal.Signals(signum).name} to stage {self._current_name}{as_name}")
+            self.current.send(forwarded)
         else:
             self.say(f"{signal.Signals(signum).name}: stopping stage {self._current_name}, which has nothing to "
                      "save; it runs again on the rerun")
             self.current.send(signal.SIGTERM)
+
+    def _write_stop_file(self) -> None:
+        """Record the stop for the current stage (one write: a reader sees the name or an empty file)."""
+        fd = os.open(self._stop_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, signal.Signals(self._stop_signal).name.encode())
+        finally:
+            os.close(fd)
 
     def stop_and_wait(self, signum: int) -> int | None:
         """Forward `signum` and wait until the stage has saved and exited (for submitit's checkpoint)."""

@@ -24,6 +24,7 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_RESUMABLE = 75
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C where there was nothing to save (128 + SIGINT, as shells report it)
+STOP_FILE_ENV = "NANOCHAT_STOP_FILE"  # a file the launcher writes when asked to stop a stage (nanochat.stopping)
 
 
 class UsageError(ValueError):
@@ -113,7 +114,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_RESUMABLE", "EXIT_INTERRUPTED", "UsageError",
-    "require", "require_appendable",
+    "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_RESUMABLE", "EXIT_INTERRUPTED", "STOP_FILE_ENV",
+    "UsageError", "require", "require_appendable",
     "build_parser", "parse_config", "run_stage", "config_to_dict", "typing",
 ]

@@ -9,6 +9,12 @@ trainer inside the sweep's) passes every signal on to that outer one and starts 
 that comes while the trainer cannot act on it (before its handlers exist, during its last evaluation) still
 stops the sweep.
 
+A stage the launcher runs starts with USR1/USR2 ignored (the launcher passes a TERM on to a training stage
+as USR2), so a signal that comes before its StopRequest is installed, during its imports, data checks and
+model build, would be lost. The launcher therefore first writes the signal's name to the file named by
+$NANOCHAT_STOP_FILE, then signals the stage; `install` reads that file after putting its handlers in
+place: a stop that came earlier is requested at once, one that comes later finds the handlers.
+
 SLURM sends USR1 (or USR2, which submitit uses because NCCL may own USR1) shortly before a time limit;
 cloud schedulers send TERM. Under torch.distributed every rank must stop at the same step, so the flag is
 combined across ranks with an all-reduce (`should_stop`). That vote is read one boundary after it was
@@ -20,11 +26,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanochat.configargs import EXIT_RESUMABLE
+from nanochat.configargs import EXIT_RESUMABLE, STOP_FILE_ENV
 from nanochat.host_value import HostValue
 from nanochat.runtime import Runtime, launched_as_rank0, print0
 
@@ -55,7 +62,8 @@ class StopRequest:
         self._handle(signum, frame)
 
     def install(self) -> StopRequest:
-        """Install the handlers (only possible from the main thread; elsewhere this is a no-op)."""
+        """Install the handlers (only possible from the main thread; elsewhere only the launcher's stop file
+        is read), then take over a stop requested before: the outer StopRequest's, or the launcher's."""
         if threading.current_thread() is threading.main_thread():
             outer = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
             self._outer = outer if isinstance(outer, StopRequest) and outer is not self else None
@@ -64,6 +72,9 @@ class StopRequest:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
             signal.signal(signal.SIGINT, self._handle_interrupt)
+        earlier = launcher_stop_request()
+        if earlier is not None and self.signal_name is None:  # never None over a name a handler just set
+            self.signal_name = earlier
         return self
 
     def should_stop(self, device: torch.device, distributed: bool) -> bool:
@@ -84,6 +95,17 @@ class StopRequest:
         print0(runtime, f"step {step:06d} | {self.signal_name or 'stop'} received: saving and exiting "
                         f"{EXIT_RESUMABLE} (run the same command again to resume)")
         return True
+
+
+def launcher_stop_request() -> str | None:
+    """The signal name the launcher wrote to $NANOCHAT_STOP_FILE ("stop" if it is still empty), or None."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or "stop"
+    except FileNotFoundError:
+        return None
 
 
 class _StopVote:

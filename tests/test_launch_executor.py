@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,11 +22,14 @@ from launch.executors import (
     LaunchPlan,
     LocalExecutor,
     PipelineJob,
+    descendants,
     sbatch_environment,
     slurm_parameters,
     torchrun_children_resumable,
 )
 from launch.slurm_env import SlurmJob
+from nanochat import checkpoint as ckpt
+from tests.test_base_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d stage=(\w+) event=end status=(\d+) seconds=\d+\.\d$")
@@ -159,6 +163,91 @@ def test_a_stage_with_nothing_to_save_is_stopped_at_once_and_exits_75(tmp_path):
     assert "runs again on the rerun" in output and not (root / "ran").exists()
 
 
+TRAINING_DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from launch.config import resolve_config
+from launch.executors import LaunchPlan, LocalExecutor
+config = resolve_config("cpu", Path({repo!r}), {{"NANOCHAT_BASE_DIR": {cache!r}}}, {{"HOME": {cache!r}}}, list)
+plan = LaunchPlan(config, ("base_train",), {extra!r}, Path({repo!r}), Path({logs!r}))
+sys.exit(LocalExecutor().launch(plan))
+"""
+
+
+def _stage_started(launcher: subprocess.Popen) -> bool:
+    """The launcher has started the stage's process, which is still importing torch for a second or more."""
+    return bool(descendants(launcher.pid))
+
+
+def _stage_announced(launcher: subprocess.Popen) -> bool:
+    """The launcher has printed the stage's command line and is about to start it."""
+    return True
+
+
+@pytest.mark.parametrize(("signum", "when"), [(signal.SIGUSR1, _stage_started), (signal.SIGTERM, _stage_started),
+                                              (signal.SIGUSR1, _stage_announced)],
+                         ids=["SIGUSR1-stage-importing", "SIGTERM-stage-importing", "SIGUSR1-stage-not-yet-started"])
+def test_a_stop_while_the_training_stage_starts_up_saves_at_its_first_boundary_and_resumes(tiny_cache, tmp_path,
+                                                                                          signum, when):
+    """The stage ignores USR1/2 (and would die of TERM) until its StopRequest is installed, after its imports,
+    data checks and model build; a stop that comes before then must still stop it at its first boundary."""
+    extra = (*TINY, "--num-iterations", "4", "--save-every", "100", "--model-tag", "startup")
+    driver = tmp_path / "driver.py"
+    driver.write_text(TRAINING_DRIVER.format(repo=str(REPO), cache=str(tiny_cache), extra=extra,
+                                             logs=str(tmp_path / "logs")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+    for line in launcher.stdout:
+        if line.startswith("[launch] stage base_train:"):
+            break
+    deadline = time.monotonic() + 10
+    while not when(launcher):
+        assert time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.01)
+    launcher.send_signal(signum)
+    output = launcher.communicate(timeout=180)[0]
+    assert launcher.returncode == 75, output
+    directory = tiny_cache / "base_checkpoints" / "startup"
+    assert ckpt.complete_steps(directory) == [0] and not ckpt.read_meta(directory, 0)["finished"], output
+    assert not list((tmp_path / "logs").rglob("*.stop"))
+    rerun = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=env, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from {directory} at step 0" in rerun.stdout
+    assert ckpt.read_meta(directory, 4)["finished"]
+
+
+@pytest.mark.slow
+def test_a_stop_while_torchrun_workers_start_up_stops_every_rank_at_the_same_boundary(tiny_cache, tmp_path):
+    """Real torchrun, two CPU workers of the real base_train: both find the stop file when they install their
+    handlers, and the vote (read one boundary late) stops both at boundary 1."""
+    from launch.executors import PipelineRunner
+    from launch.logs import LaunchLog
+
+    config = resolve_config("h100x8", REPO, {"NANOCHAT_BASE_DIR": str(tiny_cache), "GPUS_PER_NODE": "2"},
+                            {"HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}, list)
+    extra = (*TINY, "--num-iterations", "4", "--save-every", "100", "--model-tag", "startup", "--no-compile",
+             "--precision", "fp32")
+    runner = PipelineRunner(LaunchPlan(config, ("base_train",), extra, REPO, tmp_path / "logs"),
+                            LaunchLog(tmp_path / "logs"), out_fd=os.open(tmp_path / "terminal.txt",
+                                                                          os.O_WRONLY | os.O_CREAT))
+
+    def stop_when_workers_exist():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(descendants(os.getpid())) < 3:  # torchrun and two workers
+            time.sleep(0.01)
+        runner.request_stop(signal.SIGUSR1)
+
+    threading.Thread(target=stop_when_workers_exist, daemon=True).start()
+    try:
+        assert runner.run() == 75, (tmp_path / "logs" / "base_train.log").read_text()
+    finally:
+        os.close(runner.out_fd)
+    directory = tiny_cache / "base_checkpoints" / "startup"
+    assert ckpt.complete_steps(directory) == [1], (tmp_path / "logs" / "base_train.log").read_text()
+
+
 def test_torchrun_failure_summary_maps_to_75():
     summary = b"""Failures:\n[1]:\n  exitcode  : 75 (pid: 12)\nRoot Cause:\n[0]:\n  exitcode  : 75 (pid: 11)\n"""
     assert torchrun_children_resumable(summary)
@@ -225,8 +314,6 @@ def test_pipeline_job_checkpoint_resubmits_itself(slurm_config, tmp_path):
 @pytest.mark.slow
 def test_torchrun_stage_stop_maps_to_75(tmp_path):
     """Real torchrun, two CPU workers: USR1 reaches the workers (own sessions), torchrun's exit 1 becomes 75."""
-    import threading
-
     from launch.executors import PipelineRunner
     from launch.logs import LaunchLog
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from nanochat.configargs import STOP_FILE_ENV
 from nanochat.stopping import STOP_SIGNALS, StopRequest
 from tests.fixtures.process_group import joined_process_group
 
@@ -38,6 +39,24 @@ def test_a_first_ctrl_c_stops_gracefully_and_a_second_quits(capfd):
         assert "press Ctrl-C again to quit without saving" in capfd.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize(("written", "expected"), [(None, None), ("SIGTERM", "SIGTERM"), ("", "stop")],
+                         ids=["no-stop-file", "stop-file", "stop-file-being-written"])
+def test_install_takes_over_a_stop_the_launcher_requested_before(tmp_path, monkeypatch, written, expected):
+    """Until its handlers exist a launched stage ignores the launcher's signal; the stop file tells it."""
+    stop_file = tmp_path / "base_train.stop"
+    if written is not None:
+        stop_file.write_text(written)
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop_file))
+    previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+    try:
+        stop = StopRequest().install()
+        assert stop.signal_name == expected
+        assert stop.should_stop(torch.device("cpu"), distributed=False) == (expected is not None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
