@@ -12,7 +12,8 @@ fine-tuning, not memorised the fine-tuning answers.
 
 Outputs in the cache root (see docs/architecture.md): `base_data/shard_*.parquet` (one `text` column; the
 last shard is validation), `tasks/*.jsonl` (SmolTalk, MMLU, ARC, GSM8K, HumanEval and identity shapes) and
-the `DEMO` manifest, written last. Same config, same bytes.
+the `DEMO` manifest, written last. Same config, same bytes. Each file is written under a temporary name and
+renamed; `remove_leftovers_of_killed_runs` clears the temporaries a killed run left (`nanochat.leftovers`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.configargs import UsageError, require
+from nanochat.leftovers import remove_leftovers, temp_name
 from nanochat.paths import data_dir, shard_paths, tasks_dir
 from nanochat.report import atomic_write_text
 
@@ -886,7 +888,7 @@ def shard_name(index: int) -> str:
 def _write_parquet(path: Path, texts: list[str], rows_per_row_group: int) -> None:
     """Temporary sibling, fsync, rename: a killed run never leaves a shard that looks complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(temp_name(path.name))
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     pq.write_table(table, tmp, row_group_size=rows_per_row_group)
     with open(tmp, "rb") as fh:
@@ -914,6 +916,13 @@ def corpus_status(root: Path, config: DemoCorpusConfig) -> str:
     if (root / PARTIAL_NAME).is_file() or not shard_paths(data_dir(root)):
         return "absent"
     return "foreign"
+
+
+def remove_leftovers_of_killed_runs(root: Path) -> list[Path]:
+    """Remove the temporaries of shards, task files and manifests that a killed run left; the paths removed."""
+    root = Path(root)
+    places = ((data_dir(root), "shard_*.parquet"), (tasks_dir(root), "*.jsonl"), (root, f"{MANIFEST_NAME}*"))
+    return [directory / name for directory, pattern in places for name in remove_leftovers(directory, pattern)]
 
 
 def write_demo_corpus(root: Path, config: DemoCorpusConfig, force: bool = False,

@@ -25,6 +25,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Literal
 
+from nanochat.leftovers import temp_name
+
 PARQUET_MAGIC = b"PAR1"
 USER_AGENT = "nanochat-download/1 (python urllib)"
 RETRYABLE_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -107,7 +109,7 @@ def extract_zip_atomically(zip_path: Path, dest_dir: Path) -> Path:
     `eval_bundle.zip` holding `eval_bundle/...` extracts to `dest_dir/...`, not `dest_dir/eval_bundle/...`.
     """
     dest_dir = Path(dest_dir)
-    staging = dest_dir.with_name(f".{dest_dir.name}.extract-{os.getpid()}")
+    staging = dest_dir.with_name(temp_name(dest_dir.name, "extract"))
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -116,9 +118,9 @@ def extract_zip_atomically(zip_path: Path, dest_dir: Path) -> Path:
         entries = list(staging.iterdir())
         content_root = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
         if dest_dir.exists():
-            retired = dest_dir.with_name(f".{dest_dir.name}.old-{os.getpid()}")
+            retired = dest_dir.with_name(temp_name(dest_dir.name, "old"))
             os.replace(dest_dir, retired)
-            shutil.rmtree(retired)
+            shutil.rmtree(retired, ignore_errors=True)  # another run may be cleaning it up as a leftover
         os.replace(content_root, dest_dir)
         _fsync_directory(dest_dir.parent)
     finally:

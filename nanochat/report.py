@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat.configargs import UsageError
+from nanochat.leftovers import temp_name
 from nanochat.paths import report_dir
 from nanochat.runtime import print0_before_setup
 
@@ -25,7 +26,7 @@ from nanochat.runtime import print0_before_setup
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(temp_name(path.name))
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

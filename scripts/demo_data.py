@@ -3,7 +3,7 @@
 Pretraining shards go to `base_data/` (the last shard is validation), task files in the real datasets'
 shapes to `tasks/`, and the `DEMO` manifest last. Same settings, same bytes; an existing corpus with the same
 settings makes this a no-op, one with other settings needs --force. It refuses to overwrite parquet shards
-that are not a demo corpus (real data) unless --force.
+that are not a demo corpus (real data) unless --force. Temporary files a killed run left are removed first.
 
     python -m scripts.demo_data [--seed 0 --pretrain-megabytes 3.0 --num-shards 4 ... --force]
 """
@@ -15,7 +15,13 @@ import time
 from dataclasses import dataclass, field
 
 from nanochat.configargs import run_stage
-from nanochat.demo_data import DemoCorpusConfig, corpus_config_dict, corpus_status, write_demo_corpus
+from nanochat.demo_data import (
+    DemoCorpusConfig,
+    corpus_config_dict,
+    corpus_status,
+    remove_leftovers_of_killed_runs,
+    write_demo_corpus,
+)
 from nanochat.paths import base_dir
 from nanochat.report import write_section
 
@@ -29,6 +35,8 @@ class DemoDataConfig(DemoCorpusConfig):
 
 def main(config: DemoDataConfig) -> int:
     root = base_dir()
+    for leftover in remove_leftovers_of_killed_runs(root):
+        print(f"removed {leftover}: left by a killed run")
     corpus = DemoCorpusConfig(**corpus_config_dict(config))
     status = corpus_status(root, corpus)
     start = time.perf_counter()

@@ -4,7 +4,8 @@ Run it on a node that HAS internet (a login or devel node), normally as `bash sc
 compute nodes then read the cache offline. In order it:
   1. downloads the pretraining shards into base_data/ in parallel (resumable, size- and footer-verified,
      atomically renamed; already valid files are kept);
-  2. downloads the CORE eval bundle zip, checks it, and extracts it atomically into eval_bundle/;
+  2. downloads the CORE eval bundle zip, checks it, and extracts it atomically into eval_bundle/ (first
+     removing the extraction folders of a killed run, `nanochat.leftovers`);
   3. fetches the HF datasets (SmolTalk, MMLU, GSM8K, ARC, HumanEval) into hf/ with `datasets`;
   4. trains the tokenizer with `python -m scripts.tok_train`.
 
@@ -66,6 +67,7 @@ from nanochat.download import (
     verify_parquet,
     verify_zip,
 )
+from nanochat.leftovers import remove_leftovers
 from nanochat.paths import DEFAULT_BASE_DIR, data_dir, expand_path, tokenizer_dir
 from nanochat.settings_file import read_settings_file
 
@@ -403,6 +405,8 @@ def download_shards(indices: Sequence[int], base_url: str, directory: Path,
 
 def download_eval_bundle(url: str, cache: Path, config: DownloadDataConfig) -> ItemResult:
     target = cache / EVAL_BUNDLE_DIR
+    for leftover in remove_leftovers(cache, EVAL_BUNDLE_DIR):
+        print(f"removed {cache / leftover}: left by a killed run", file=sys.stderr, flush=True)
     if eval_bundle_present(cache):
         return ItemResult("CORE eval bundle", target, tree_size(target), SKIPPED_VERIFIED)
     archive = cache / "eval_bundle.zip"

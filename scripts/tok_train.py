@@ -2,8 +2,9 @@
 
 Reads the `text` column of every shard but the last (the validation shard), streaming row groups, each
 document cut to --doc-cap characters, until --max-chars characters. Writes tokenizer.json and
-token_bytes.pt into `tokenizer/` through a temporary folder that is renamed into place. An existing
-tokenizer with the same vocabulary size makes this a no-op unless --force.
+token_bytes.pt into `tokenizer/` through a temporary folder that is renamed into place; a run first
+removes such folders left by a killed one (`nanochat.leftovers`). An existing tokenizer with the same
+vocabulary size makes this a no-op unless --force.
 
     python -m scripts.tok_train [--vocab-size 32768 --max-chars 2000000000 --doc-cap 10000 --force]
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from nanochat.configargs import UsageError, config_to_dict, require, run_stage
 from nanochat.dataloader import split_shards
+from nanochat.leftovers import remove_leftovers, temp_name
 from nanochat.paths import data_dir, tokenizer_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import (
@@ -76,21 +78,24 @@ def _is_trained(directory: Path) -> bool:
 def _install(tokenizer: Tokenizer, target: Path) -> None:
     """Write both files into a temporary sibling folder, then rename it over `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp{os.getpid()}"
+    staging = target.parent / temp_name(target.name)
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer.save(staging)
     torch.save(tokenizer.token_bytes(), staging / TOKEN_BYTES_FILE)
     if target.exists():
-        retired = target.parent / f".{target.name}.old{os.getpid()}"
+        retired = target.parent / temp_name(target.name, "old")
         os.replace(target, retired)
         os.replace(staging, target)
-        shutil.rmtree(retired)
+        shutil.rmtree(retired, ignore_errors=True)  # another run may be cleaning it up as a leftover
     else:
         os.replace(staging, target)
 
 
 def main(config: TokTrainConfig) -> int:
     target = tokenizer_dir()
+    removed = remove_leftovers(target.parent, target.name)
+    if removed:
+        print(f"removed {', '.join(removed)} from {target.parent}: left by a killed run")
     if _is_trained(target) and not config.force:
         existing = Tokenizer.load(target).vocab_size
         if existing == config.vocab_size:
