@@ -69,6 +69,13 @@ def run_steps(step: int, schedule: StepSchedule, stop: StopRequest, runtime: Run
     """
     while True:
         last = step == schedule.num_iterations
+        # A stop comes before a due evaluation (which may take minutes of a time limit's signal lead): the
+        # resumed run evaluates this step, since it is not in `evaluations` yet.
+        if not last and stop.check(step, runtime):
+            if not settle():
+                return EXIT_DIVERGED
+            save(step, False)
+            return EXIT_RESUMABLE
         already_evaluated = bool(evaluations) and evaluations[-1][0] == step
         evaluate_now = schedule.evaluation_due(step) and not already_evaluated
         if (evaluate_now or last) and not settle():
@@ -79,11 +86,6 @@ def run_steps(step: int, schedule: StepSchedule, stop: StopRequest, runtime: Run
             if schedule.save_final:
                 save(step, True)
             return EXIT_OK
-        if stop.check(step, runtime):
-            if not settle():
-                return EXIT_DIVERGED
-            save(step, False)
-            return EXIT_RESUMABLE
         if not train_step(step):
             return EXIT_DIVERGED
         step += 1

@@ -118,6 +118,18 @@ def test_a_stop_signal_saves_at_the_next_boundary_and_returns_75():
     assert recorder.calls == [("train", 0), ("train", 1), ("save", 2, False)]
 
 
+
+def test_a_stop_saves_before_a_due_evaluation_which_the_resumed_run_then_makes():
+    stop = StopRequest()
+    recorder = Recorder(stop=stop, stop_before=2)
+    schedule = StepSchedule(num_iterations=4, eval_every=2, save_every=0)
+    assert recorder.run(0, schedule) == EXIT_RESUMABLE
+    assert recorder.calls == [("eval", 0), ("train", 0), ("train", 1), ("save", 2, False)]
+    recorder.calls.clear()
+    assert recorder.run(2, schedule, stop=StopRequest()) == EXIT_OK
+    assert recorder.calls == [("eval", 2), ("train", 2), ("train", 3), ("eval", 4), ("save", 4, True)]
+
+
 def test_a_diverged_step_ends_the_run_with_3_and_saves_nothing_more():
     recorder = Recorder(diverge_at=1)
     assert recorder.run(0, StepSchedule(num_iterations=10, eval_every=0, save_every=1)) == EXIT_DIVERGED
