@@ -149,7 +149,11 @@ def _load(path: Path, meta: Path, device: torch.device | str, weights_only: bool
 
 
 def remove_stale_temporaries(directory: Path) -> int:
-    """Delete temporary files left by a writer that was killed mid-save; returns how many were removed."""
+    """Delete temporary files left by a writer that was killed mid-save; returns how many were removed.
+
+    Every one, with no check that its writer is gone (unlike `nanochat.leftovers`): a run owns its tag's
+    folder and calls this on rank 0 before its ranks meet at a barrier, so nobody is writing there yet, and
+    a killed multi-node job's optimizer shards (gigabytes) need not wait for an age limit."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
