@@ -39,7 +39,7 @@ from launch.config import SBATCH_INPUT_KEYS, LaunchConfig
 from launch.logs import LaunchLog, launch_dir, new_launch_id
 from launch.slurm_env import SlurmJob
 from launch.stages import STAGES_BY_NAME
-from nanochat.configargs import EXIT_RESUMABLE, STOP_FILE_ENV
+from nanochat.configargs import EXIT_INTERRUPTED, EXIT_RESUMABLE, STOP_FILE_ENV
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 SUBMITIT_SIGNAL = signal.SIGUSR2  # submitit's time-limit signal (NCCL may use USR1)
@@ -49,6 +49,8 @@ STATUS_MEANING = {
     2: "refused: usage error or missing input (its last line names the fix)",
     3: "training diverged; the last good checkpoint is kept",
     EXIT_RESUMABLE: "stopped after saving a checkpoint; run the same command again to resume",
+    EXIT_INTERRUPTED: "interrupted by Ctrl-C before it could save; run the same command again to go on from "
+                      "its last checkpoint",
 }
 TAIL_BYTES = 1 << 16
 

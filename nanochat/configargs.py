@@ -100,13 +100,18 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None, prog: s
 
 def run_stage(main: Callable[[T], int], config_cls: type[T], argv: Sequence[str] | None = None,
               prog: str | None = None) -> int:
-    """The thin command-line wrapper every stage uses: parse, run, map UsageError to exit 2."""
+    """The thin command-line wrapper every stage uses: parse, run, map UsageError to exit 2 and a Ctrl-C that
+    reaches it (before a training stage's own handler exists, or a second one) to one line and exit 130."""
     try:
         config = parse_config(config_cls, argv, prog=prog)
         return int(main(config) or 0)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); run the same command again to go on from what was saved", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

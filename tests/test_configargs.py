@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from nanochat.configargs import EXIT_USAGE, UsageError, parse_config, require, run_stage
+from nanochat.configargs import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, parse_config, require, run_stage
 
 
 @dataclass
@@ -45,6 +45,13 @@ def test_run_stage_exit_codes(capsys):
         raise UsageError("no tokenizer: run `python -m scripts.tok_train` first")
 
     assert run_stage(failing_main, Demo, []) == EXIT_USAGE
+    capsys.readouterr()
+
+    def interrupted_main(config):
+        raise KeyboardInterrupt
+
+    assert run_stage(interrupted_main, Demo, []) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.startswith("interrupted (Ctrl-C); run the same command again")
     with pytest.raises(SystemExit) as exc:
         run_stage(lambda c: 0, Demo, ["--precision", "fp64"])
     assert exc.value.code == 2
